@@ -1,0 +1,99 @@
+"""The broker-neutral delivery and the one outcome the core returns for it.
+
+Every subscriber (memory, RabbitMQ, Pub/Sub) turns its broker's delivery into a :class:`Message`, and
+maps the :class:`Outcome` the dispatcher returns back onto its broker. That mapping is the only place a
+broker acks, nacks or dead-letters.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+# Attribute / header names incidentd itself sets. Brokers carry them as headers (RabbitMQ) or attributes
+# (Pub/Sub); the names are the same everywhere so a message can move between brokers (e.g. on replay).
+TYPE_ATTR = "type"
+ATTEMPT_ATTR = "x-incidentd-attempt"
+FIRST_SEEN_ATTR = "x-incidentd-first-seen"
+REASON_ATTR = "x-incidentd-reason"
+ERROR_ATTR = "x-incidentd-error"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One delivery of one message, whatever broker it came from.
+
+    ``attempt`` is 1 on the first delivery. Brokers that count deliveries (RabbitMQ quorum queues'
+    ``x-delivery-count``, Pub/Sub's ``delivery_attempt``) provide it; otherwise it comes from our own
+    ``x-incidentd-attempt`` attribute, which the retry path increments.
+    """
+
+    body: bytes
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    message_id: str = ""
+    publish_time: datetime | None = None
+    attempt: int = 1
+
+    @property
+    def idempotency_key(self) -> str:
+        """The key under which the effect of this message is recorded exactly once.
+
+        The broker's message id when the publisher set one (it survives redelivery and our retry
+        path), else a digest of the body, so that a redelivered copy of an id-less message still
+        matches its first delivery.
+        """
+        if self.message_id:
+            return self.message_id
+        return "sha256:" + hashlib.sha256(self.body).hexdigest()
+
+
+class Disposition(enum.Enum):
+    ACK = "ack"
+    RETRY = "retry"
+    DEAD_LETTER = "dead_letter"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the subscriber must do with a delivery; exactly one per delivery.
+
+    ``delay`` (seconds) applies to RETRY: redeliver no sooner than that. ``reason`` is a short,
+    human-readable sentence; for DEAD_LETTER it travels with the message to the dead-letter destination.
+    """
+
+    disposition: Disposition
+    reason: str = ""
+    delay: float = 0.0
+    error: str = ""
+
+    @classmethod
+    def ack(cls) -> Outcome:
+        return _ACK
+
+    @classmethod
+    def retry(cls, delay: float, reason: str, error: str = "") -> Outcome:
+        return cls(Disposition.RETRY, reason=reason, delay=delay, error=error)
+
+    @classmethod
+    def dead_letter(cls, reason: str, error: str = "") -> Outcome:
+        return cls(Disposition.DEAD_LETTER, reason=reason, error=error)
+
+
+_ACK = Outcome(Disposition.ACK)
+
+
+class Delivery(Protocol):
+    """A message handed over by a subscriber, with the one way to finish it.
+
+    ``settle`` must be awaited exactly once; it returns only when the broker has taken the outcome
+    (for RETRY and DEAD_LETTER: when the replacement copy is confirmed and the original acked).
+    """
+
+    @property
+    def message(self) -> Message: ...
+
+    async def settle(self, outcome: Outcome) -> None: ...

@@ -1,0 +1,119 @@
+"""The protocols through which the application reaches the outside world.
+
+Implementations live in ``infra/`` and are wired by ``config/container.py``; unit tests pass in-memory
+fakes. A protocol exists here only where the application needs one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+from uuid import UUID
+
+from application.incidents import Incident, Status
+from application.messages import Delivery
+
+# --- incidents --------------------------------------------------------------------------------------
+
+
+class Transaction(Protocol):
+    """One unit of work on the incident store.
+
+    Entered with an idempotency key: if a transaction under that key already committed,
+    ``already_processed`` is true and the handler must change nothing. On a clean exit the changes and
+    the key commit together (so a redelivered message has no second effect); on an exception nothing
+    is kept.
+    """
+
+    already_processed: bool
+
+    async def get(self, incident_id: UUID) -> Incident | None: ...
+
+    async def find_open(self, dedup_key: str) -> Incident | None:
+        """The unresolved incident with this dedup key, if any, locked for this transaction."""
+        ...
+
+    async def find_latest(self, dedup_key: str) -> Incident | None:
+        """The most recently created incident with this dedup key, open or not, locked."""
+        ...
+
+    async def add(self, incident: Incident) -> None: ...
+
+    async def update(self, incident: Incident) -> None: ...
+
+
+class IncidentStore(Protocol):
+    def transaction(self, idempotency_key: str) -> AbstractAsyncContextManager[Transaction]: ...
+
+    async def get(self, incident_id: UUID) -> Incident | None: ...
+
+    async def list(
+        self, *, status: Status | None = None, service: str | None = None, limit: int = 1000
+    ) -> list[Incident]: ...
+
+    async def ping(self) -> None:
+        """Raise if the store cannot be reached (used by the readiness probe)."""
+        ...
+
+
+# --- brokers ----------------------------------------------------------------------------------------
+
+
+class Subscriber(Protocol):
+    """Consumes from one broker destination and hands each delivery to ``on_delivery``.
+
+    ``on_delivery`` is called on the event loop's thread and must not block. ``stop`` stops taking new
+    deliveries; deliveries received but not yet handed over go back to the broker at once. ``close``
+    flushes whatever settles are still buffered (coalesced acks) and releases the consumer.
+    """
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def start(self, on_delivery: Callable[[Delivery], None]) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Publisher(Protocol):
+    async def publish(
+        self, body: bytes, attributes: Mapping[str, str], *, message_id: str | None = None
+    ) -> str:
+        """Publish and wait for the broker's confirmation; return the message id. Raise on failure."""
+        ...
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message in the dead-letter destination, as ``dlq list`` shows it."""
+
+    message_id: str
+    body: bytes
+    attributes: Mapping[str, str]
+    reason: str
+    error: str = ""
+    attempts: int = 1
+    first_seen: datetime | None = None
+    dead_lettered_at: datetime | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+class DeadLetterQueue(Protocol):
+    async def list(self, *, limit: int | None = None) -> list[DeadLetter]: ...
+
+
+class Broker(Protocol):
+    """What the container provides for the configured broker (memory, rabbitmq or pubsub)."""
+
+    subscriber: Subscriber
+    publisher: Publisher
+    dead_letters: DeadLetterQueue
+
+    async def setup(self) -> None:
+        """Declare / create the broker's topology; idempotent."""
+        ...

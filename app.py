@@ -8,20 +8,25 @@ import collections
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from application.dispatcher import Dispatcher
+from application.errors import BrokerOperationError
+from application.factory import CommandFactory
+from application.handlers import HANDLERS
 from application.incidents import Incident
 from application.messages import TYPE_ATTR, Message, Outcome
-from application.ports import Broker
+from application.ports import Broker, DeadLetterQueue
 from application.worker import run_worker
 from config.container import Container
 from config.settings import Settings, SettingsError, load
+
+T = TypeVar("T")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -199,7 +204,7 @@ def dlq() -> None:
 @click.pass_context
 def dlq_list(ctx: click.Context, limit: int | None, as_json: bool) -> None:
     """List dead-lettered messages, oldest first, with the reason each was dead-lettered."""
-    letters = asyncio.run(_dead_letters(_settings(ctx), limit))
+    letters = asyncio.run(_dead_letters(_settings(ctx), lambda q: q.list(limit=limit)))
     if as_json:
         click.echo(json.dumps([_letter_json(x) for x in letters], indent=2))
         return
@@ -207,10 +212,54 @@ def dlq_list(ctx: click.Context, limit: int | None, as_json: bool) -> None:
         click.echo(f"{x.message_id}  attempts={x.attempts}  {x.reason}")
 
 
-async def _dead_letters(settings: Settings, limit: int | None) -> list[Any]:
+@dlq.command("show")
+@click.argument("message_id")
+@click.pass_context
+def dlq_show(ctx: click.Context, message_id: str) -> None:
+    """Show one dead letter (body, attributes, reason) as JSON."""
+    letters = asyncio.run(_dead_letters(_settings(ctx), lambda q: q.list()))
+    found = [_letter_json(x) for x in letters if x.message_id == message_id]
+    if not found:
+        raise click.ClickException(f"no dead letter with message id {message_id}")
+    click.echo(json.dumps(found[0], indent=2))
+
+
+@dlq.command("replay")
+@click.option("--limit", type=int, help="At most this many messages, oldest first.")
+@click.option("--dry-run", is_flag=True, help="Report what would be replayed; change nothing.")
+@click.pass_context
+def dlq_replay(ctx: click.Context, limit: int | None, dry_run: bool) -> None:
+    """Re-validate dead letters and publish the valid ones back to the main destination (attempt 1)."""
+    factory = CommandFactory(HANDLERS)
+    report = asyncio.run(
+        _dead_letters(_settings(ctx), lambda q: q.replay(validate=factory.decode, limit=limit, dry_run=dry_run))
+    )
+    verb = "would replay" if dry_run else "replayed"
+    click.echo(f"{verb} {len(report.replayed)}; left {len(report.invalid)} that would fail again")
+    for message_id, why in report.invalid.items():
+        click.echo(f"  {message_id}: {why}")
+
+
+@dlq.command("purge")
+@click.option("--limit", type=int, help="At most this many messages, oldest first.")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def dlq_purge(ctx: click.Context, limit: int | None, dry_run: bool, yes: bool) -> None:
+    """Delete dead letters for good."""
+    if not (dry_run or yes):
+        click.confirm("Delete dead letters for good?", abort=True)
+    count = asyncio.run(_dead_letters(_settings(ctx), lambda q: q.purge(limit=limit, dry_run=dry_run)))
+    click.echo(f"{'would delete' if dry_run else 'deleted'} {count}")
+
+
+async def _dead_letters(settings: Settings, operation: Callable[[DeadLetterQueue], Awaitable[T]]) -> T:
     async with _container(settings) as container:
         broker: Broker = await container.broker()
-        return await broker.dead_letters.list(limit=limit)
+        try:
+            return await operation(broker.dead_letters)
+        except BrokerOperationError as exc:
+            raise click.ClickException(str(exc)) from None
 
 
 def _letter_json(letter: Any) -> dict[str, Any]:

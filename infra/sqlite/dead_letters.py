@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 
 import aiosqlite
 
-from application.ports import DeadLetter
+from application.errors import BrokerOperationError
+from application.messages import Message
+from application.ports import DeadLetter, ReplayReport
 from infra.sqlite.store import connect
 
 SCHEMA = """
@@ -73,3 +76,23 @@ class SqliteDeadLetters:
             )  # fmt: skip
             for r in rows
         ]
+
+    async def replay(
+        self, *, validate: Callable[[Message], object], limit: int | None = None, dry_run: bool = False
+    ) -> ReplayReport:
+        # The memory broker's queue lives inside one worker process; replaying into it from the CLI
+        # would drop the messages when the CLI exits. Say so instead of losing them.
+        raise BrokerOperationError(
+            "the memory broker cannot replay dead letters from the CLI (its queue lives in the worker "
+            "process); use 'dlq list --json' and feed the bodies to 'worker --from', or use RabbitMQ/Pub/Sub"
+        )
+
+    async def purge(self, *, limit: int | None = None, dry_run: bool = False) -> int:
+        sql = "SELECT seq FROM dead_letters ORDER BY seq LIMIT ?"
+        async with self._db.execute(sql, (-1 if limit is None else limit,)) as cursor:
+            seqs = [row[0] for row in await cursor.fetchall()]
+        if seqs and not dry_run:
+            await self._db.execute(
+                f"DELETE FROM dead_letters WHERE seq IN ({','.join('?' * len(seqs))})", seqs
+            )
+        return len(seqs)

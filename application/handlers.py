@@ -1,205 +1,341 @@
 """Handlers: ``async def handle(command, context, <dependencies by name>)``, registered in ``HANDLERS``.
 
 Each handler makes its changes inside one store transaction keyed by the message's idempotency key, so a
-redelivered message changes nothing the second time.
+redelivered message changes nothing the second time. Every source reduces to the same few events on a
+dedup key - *fired*, *resolved*, *acknowledged*... at the event's own time - and the rules for those
+live in the entity (application/incidents.py); :class:`_Work` only finds the incident an event is for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
 from application.commands import (
     AcknowledgeIncident,
     AddNote,
+    Alert,
     AlertmanagerWebhook,
     AwsEvent,
     Command,
     CreateIncident,
+    Finding,
     HealthDetail,
+    IncidentRef,
     OpsgenieAction,
     ResolveIncident,
     SecurityHubDetail,
-    IncidentRef,
 )
 from application.dispatcher import Context, Handler
-from application.errors import TransientError
-from application.incidents import Incident, IncidentPolicy, SeverityName, normalise_severity
-from application.ports import IncidentStore, Transaction
+from application.errors import PermanentError, TransientError
+from application.incidents import (
+    Incident,
+    IncidentPolicy,
+    SeverityName,
+    correlation_group,
+    normalise_severity,
+)
+from application.ports import ActionRunner, IncidentStore, Transaction
 
 log = structlog.get_logger("incidentd.handlers")
+
+Fields = dict[str, Any]  # the fields of an incident this event would open
+
+
+class _Work:
+    """The incidents one message touches: locked and loaded once, then changed event by event."""
+
+    def __init__(self, tx: Transaction, ctx: Context, policy: IncidentPolicy) -> None:
+        self._tx = tx
+        self._ctx = ctx
+        self._policy = policy
+        self.latest: dict[str, Incident] = {}
+        self._candidates: dict[tuple[str, str], list[Incident]] = {}
+        self._scopes: list[str] = []
+
+    async def load(self, dedup_keys: Collection[str], scopes: Collection[tuple[str, str]] = ()) -> None:
+        """Lock and read the dedup keys; remember the (service, environment) scopes of new incidents.
+
+        A scope is locked only when an incident is about to be opened in it (so that two incidents
+        opened at once agree on their correlation group), and then all of them at once, after the
+        dedup keys: every transaction locks in that order, so none waits on another in a cycle.
+        """
+        self._scopes = sorted({f"correlation:{s}/{e}" for s, e in scopes if s})
+        self.latest = await self._tx.latest(dedup_keys)
+
+    async def fire(self, key: str, at: datetime, actor: str, fields: Fields, note: str = "") -> Incident:
+        """Open an incident, count an occurrence on the open one (dedup), or open a successor."""
+        current = self.latest.get(key)
+        if current is not None and not current.starts_new_episode(at):
+            current.record_occurrence(at=at, actor=actor, message_id=self._ctx.message_id, note=note)
+            await self._tx.update(current)
+            return current
+        opened: dict[str, Any] = {
+            "message_id": self._ctx.message_id,
+            "note": note,
+            "dedup_key": key,
+            **fields,
+        }
+        if current is not None:
+            new = current.successor(at=at, actor=actor, **opened)
+        else:
+            new = Incident.open(at=at, actor=actor, **opened)
+        new.correlation_group = correlation_group(new, await self._open_in(new), self._policy.window)
+        self._candidates[(new.service, new.environment)].append(new)
+        self.latest[key] = new
+        await self._tx.add(new)
+        return new
+
+    async def resolve(
+        self,
+        key: str,
+        at: datetime,
+        actor: str,
+        fields: Fields,
+        *,
+        started: datetime | None = None,
+        note: str = "",
+    ) -> Incident:
+        """Resolve the latest incident; with none yet, keep an already-resolved one (see the entity)."""
+        current = self.latest.get(key)
+        if current is not None:
+            current.resolve(at=at, actor=actor, message_id=self._ctx.message_id, note=note)
+            await self._tx.update(current)
+            return current
+        new = Incident.already_resolved(
+            started=started, at=at, actor=actor, message_id=self._ctx.message_id, dedup_key=key, **fields
+        )
+        new.correlation_group = str(new.id)
+        self.latest[key] = new
+        await self._tx.add(new)
+        return new
+
+    async def _open_in(self, incident: Incident) -> list[Incident]:
+        scope = (incident.service, incident.environment)
+        if scope not in self._candidates:
+            await self._tx.lock(self._scopes)
+            found = await self._tx.open_incidents(*scope) if incident.service else []
+            self._candidates[scope] = found
+        return self._candidates[scope]
+
+
+# --- Alertmanager ----------------------------------------------------------------------------------
 
 
 async def alertmanager_webhook(
     cmd: AlertmanagerWebhook, ctx: Context, store: IncidentStore, policy: IncidentPolicy
 ) -> None:
-    """One incident per alert fingerprint: firing opens (or counts an occurrence), resolved resolves."""
+    """Each alert of the batch, by fingerprint: firing opens (or counts an occurrence), resolved resolves."""
     async with store.transaction(ctx.idempotency_key) as tx:
         if tx.already_processed:
             return
-        for alert in cmd.alerts:
-            key = f"alertmanager:{alert.fingerprint}"
-            incident = await tx.find_open(key)
-            if alert.status == "resolved":
-                if incident is not None:
-                    incident.resolve(
-                        at=alert.ends_at or alert.starts_at, actor="alertmanager", message_id=ctx.message_id
-                    )
-                    await tx.update(incident)
-                continue
-            if incident is not None:
-                incident.record_occurrence(
-                    at=alert.starts_at, actor="alertmanager", message_id=ctx.message_id
-                )
-                await tx.update(incident)
-                continue
-            labels = {**cmd.common_labels, **alert.labels}
-            await tx.add(Incident.open(
-                at=alert.starts_at, actor="alertmanager", message_id=ctx.message_id,
-                title=alert.annotations.get("summary") or labels.get("alertname", "alert"),
-                service=policy.pick(labels, policy.service_labels),
-                environment=policy.pick(labels, policy.environment_labels),
-                severity=policy.severity(labels),
-                source="alertmanager",
-                source_alert={
-                    "fingerprint": alert.fingerprint, "startsAt": alert.starts_at.isoformat(),
-                    "labels": alert.labels, "annotations": alert.annotations,
-                    "generatorURL": alert.generator_url, "groupKey": cmd.group_key,
-                    "commonLabels": cmd.common_labels, "externalURL": cmd.external_url,
-                },
-                dedup_key=key,
-                runbook_url=alert.annotations.get("runbook_url", ""),
-            ))  # fmt: skip
-
-
-async def opsgenie_action(cmd: OpsgenieAction, ctx: Context, store: IncidentStore) -> None:
-    """OEC actions become transitions of the incident matched by the Opsgenie alertId."""
-    alert = cmd.alert
-    at = _epoch_ms(alert.updated_at // 1_000_000 if alert.updated_at else alert.created_at)
-    actor = alert.username or "opsgenie"
-    key = f"opsgenie:{alert.alert_id}"
-    async with store.transaction(ctx.idempotency_key) as tx:
-        if tx.already_processed:
-            return
-        incident = await tx.find_latest(key)
-        if cmd.action == "Create":
-            if incident is not None and incident.is_open:
-                incident.record_occurrence(at=at, actor=actor, message_id=ctx.message_id)
-                await tx.update(incident)
+        work = _Work(tx, ctx, policy)
+        alerts = [(f"alertmanager:{a.fingerprint}", a, {**cmd.common_labels, **a.labels}) for a in cmd.alerts]
+        scopes = {_scope(labels, policy) for _, _, labels in alerts}
+        await work.load([key for key, _, _ in alerts], scopes)
+        for key, alert, labels in alerts:
+            fields = _alert_fields(cmd, alert, labels, policy)
+            if alert.status == "firing":
+                await work.fire(key, alert.starts_at, "alertmanager", fields)
             else:
-                await tx.add(Incident.open(
-                    at=at, actor=actor, message_id=ctx.message_id,
-                    title=alert.message or alert.alias or alert.alert_id,
-                    severity=normalise_severity(alert.priority),
-                    service=alert.details.get("service", alert.entity),
-                    environment=alert.details.get("environment", ""),
-                    source="opsgenie",
-                    source_alert={"alertId": alert.alert_id, "alias": alert.alias, "tags": alert.tags,
-                                  "integrationName": cmd.integration_name},
-                    dedup_key=key,
-                ))  # fmt: skip
+                ended = _real_time(alert.ends_at) or alert.starts_at
+                await work.resolve(key, ended, "alertmanager", fields, started=alert.starts_at)
+
+
+def _scope(labels: dict[str, str], policy: IncidentPolicy) -> tuple[str, str]:
+    return policy.pick(labels, policy.service_labels), policy.pick(labels, policy.environment_labels)
+
+
+def _alert_fields(
+    cmd: AlertmanagerWebhook, alert: Alert, labels: dict[str, str], policy: IncidentPolicy
+) -> Fields:
+    service, environment = _scope(labels, policy)
+    return {
+        "title": alert.annotations.get("summary") or labels.get("alertname", "alert"),
+        "service": service,
+        "environment": environment,
+        "severity": policy.severity(labels),
+        "source": "alertmanager",
+        "runbook_url": alert.annotations.get("runbook_url") or cmd.common_annotations.get("runbook_url", ""),
+        "source_alert": {
+            "fingerprint": alert.fingerprint, "status": alert.status,
+            "startsAt": alert.starts_at.isoformat(), "labels": alert.labels,
+            "annotations": alert.annotations, "generatorURL": alert.generator_url,
+            "groupKey": cmd.group_key, "commonLabels": cmd.common_labels, "externalURL": cmd.external_url,
+        },
+    }  # fmt: skip
+
+
+def _real_time(value: datetime | None) -> datetime | None:
+    """Alertmanager sends ``0001-01-01T00:00:00Z`` for "no end yet"."""
+    return value if value is not None and value.year > 1970 else None
+
+
+# --- Opsgenie Edge Connector -------------------------------------------------------------------------
+
+
+async def opsgenie_action(
+    cmd: OpsgenieAction, ctx: Context, store: IncidentStore, policy: IncidentPolicy, actions: ActionRunner
+) -> None:
+    """OEC actions become transitions of the incident matched by the alert's alias (else its alertId).
+
+    An action that arrives before its Create opens the incident from the payload (OEC sends the whole
+    alert, with its ``createdAt``) instead of retrying: the Create may never come (OEC forwards only the
+    actions it is configured for), and the entity's time rules make a late Create harmless.
+    """
+    alert = cmd.alert
+    key = f"opsgenie:{alert.alias or alert.alert_id}"
+    created = _epoch_ms(alert.created_at)
+    at = _epoch_ns(alert.updated_at) if alert.updated_at else created
+    actor = alert.username or "opsgenie"
+    async with store.transaction(ctx.idempotency_key) as tx:
+        if tx.already_processed:
             return
-        if incident is None:
-            # Its Create may still be in flight (deliveries are not ordered): retry, bounded.
-            raise TransientError(f"no incident yet for Opsgenie alert {alert.alert_id} (action {cmd.action})")
-        if cmd.action == "Acknowledge":
-            incident.acknowledge(at=at, actor=actor, message_id=ctx.message_id, note=alert.note)
-        elif cmd.action == "UnAcknowledge":
-            incident.unacknowledge(at=at, actor=actor, message_id=ctx.message_id)
-        elif cmd.action == "AddNote":
-            incident.add_note(note=alert.note, at=at, actor=actor, message_id=ctx.message_id)
-        elif cmd.action == "Close":
-            incident.resolve(at=at, actor=actor, message_id=ctx.message_id, note=alert.note)
-        elif cmd.action in ("AssignOwnership", "TakeOwnership"):
-            incident.assign(owner=alert.owner or actor, at=at, actor=actor, message_id=ctx.message_id)
-        else:
-            incident.record_action(action=cmd.action, at=at, actor=actor, message_id=ctx.message_id,
-                                   note=alert.note)  # fmt: skip
+        work = _Work(tx, ctx, policy)
+        fields = _oec_fields(cmd)
+        await work.load([key], [(fields["service"], fields["environment"])])
+        current = work.latest.get(key)
+        known = current is not None and current.source_alert.get("alertId") == alert.alert_id
+        if cmd.action == "Create":
+            if known and current is not None:
+                current.record_action(action="Create", at=created, actor=actor, message_id=ctx.message_id,
+                                      note="already known")  # fmt: skip
+                await tx.update(current)
+            else:
+                await work.fire(key, created, actor, fields)
+            return
+        if not known:
+            await work.fire(key, created, actor, fields, note=f"opened from {cmd.action}; no Create seen")
+        incident = work.latest[key]
+        await _apply_oec(cmd, incident, at, actor, ctx, actions)
         await tx.update(incident)
 
+
+async def _apply_oec(
+    cmd: OpsgenieAction, incident: Incident, at: datetime, actor: str, ctx: Context, actions: ActionRunner
+) -> None:
+    alert, mid = cmd.alert, ctx.message_id
+    if cmd.action == "Acknowledge":
+        incident.acknowledge(at=at, actor=actor, message_id=mid, note=alert.note)
+    elif cmd.action == "UnAcknowledge":
+        incident.unacknowledge(at=at, actor=actor, message_id=mid, note=alert.note)
+    elif cmd.action == "AddNote":
+        incident.add_note(note=alert.note, at=at, actor=actor, message_id=mid)
+    elif cmd.action == "Close":
+        incident.resolve(at=at, actor=actor, message_id=mid, note=alert.note)
+    elif cmd.action == "AssignOwnership":
+        incident.assign(owner=alert.owner or actor, at=at, actor=actor, message_id=mid)
+    elif cmd.action == "TakeOwnership":
+        incident.assign(owner=actor, at=at, actor=actor, message_id=mid)
+    else:
+        result = await actions.run(cmd.action, incident, cmd.model_dump(mode="json", by_alias=True))
+        note = result if result is not None else "no runner for this action; recorded only"
+        incident.record_action(action=cmd.action, at=at, actor=actor, message_id=mid, note=note)
+
+
+def _oec_fields(cmd: OpsgenieAction) -> Fields:
+    alert = cmd.alert
+    fields = {
+        "title": alert.message or alert.alias or alert.alert_id,
+        "severity": normalise_severity(alert.priority),
+        "service": alert.details.get("service", alert.entity),
+        "environment": alert.details.get("environment", ""),
+        "source": "opsgenie",
+        "runbook_url": alert.details.get("runbook_url", ""),
+        "source_alert": {"alertId": alert.alert_id, "alias": alert.alias, "tags": alert.tags,
+                         "entity": alert.entity, "source": alert.source, "description": alert.description,
+                         "integrationName": cmd.integration_name},
+    }  # fmt: skip
+    return fields
+
+
+# --- AWS Health and Security Hub -----------------------------------------------------------------------
 
 _HEALTH_SEVERITY: dict[str, SeverityName] = {"issue": "high", "scheduledChange": "low",
                                              "accountNotification": "info"}  # fmt: skip
 
 
-async def aws_event(cmd: AwsEvent, ctx: Context, store: IncidentStore) -> None:
+async def aws_event(cmd: AwsEvent, ctx: Context, store: IncidentStore, policy: IncidentPolicy) -> None:
     """AWS Health events open/close per eventArn; Security Hub findings open/resolve per finding Id."""
     async with store.transaction(ctx.idempotency_key) as tx:
         if tx.already_processed:
             return
+        work = _Work(tx, ctx, policy)
         if isinstance(cmd.detail, HealthDetail):
-            await _health(cmd, cmd.detail, ctx, tx)
+            await _health(cmd, cmd.detail, work)
         elif isinstance(cmd.detail, SecurityHubDetail):
-            await _findings(cmd, cmd.detail, ctx, tx)
+            await _findings(cmd, cmd.detail, work)
 
 
-async def _health(cmd: AwsEvent, detail: HealthDetail, ctx: Context, tx: Transaction) -> None:
+async def _health(cmd: AwsEvent, detail: HealthDetail, work: _Work) -> None:
     key = f"aws.health:{detail.event_arn}"
-    incident = await tx.find_open(key)
-    if detail.status_code == "closed":
-        if incident is not None:
-            incident.resolve(at=cmd.time, actor="aws.health", message_id=ctx.message_id)
-            await tx.update(incident)
-        return
-    if incident is not None:
-        incident.record_occurrence(at=cmd.time, actor="aws.health", message_id=ctx.message_id)
-        await tx.update(incident)
-        return
+    await work.load([key], [(detail.service, cmd.account)])
     description = detail.event_description[0].get("latestDescription", "") if detail.event_description else ""
-    await tx.add(Incident.open(
-        at=cmd.time, actor="aws.health", message_id=ctx.message_id,
-        title=f"AWS Health: {detail.event_type_code} ({detail.service}, {cmd.region})",
-        service=detail.service, environment=cmd.account,
-        severity=_HEALTH_SEVERITY.get(detail.event_type_category, "medium"),
-        source="aws.health",
-        source_alert={"eventArn": detail.event_arn, "eventTypeCode": detail.event_type_code,
-                      "statusCode": detail.status_code, "region": cmd.region, "description": description},
-        dedup_key=key,
-    ))  # fmt: skip
+    fields = {
+        "title": f"AWS Health: {detail.event_type_code} ({detail.service}, {cmd.region})",
+        "service": detail.service, "environment": cmd.account,
+        "severity": _HEALTH_SEVERITY.get(detail.event_type_category, "medium"),
+        "source": "aws.health",
+        "source_alert": {"eventArn": detail.event_arn, "eventTypeCode": detail.event_type_code,
+                         "eventTypeCategory": detail.event_type_category, "statusCode": detail.status_code,
+                         "region": cmd.region, "description": description,
+                         "affectedEntities": detail.affected_entities},
+    }  # fmt: skip
+    if detail.status_code == "closed":
+        await work.resolve(key, cmd.time, "aws.health", fields)
+    else:
+        await work.fire(key, cmd.time, "aws.health", fields)
 
 
-async def _findings(cmd: AwsEvent, detail: SecurityHubDetail, ctx: Context, tx: Transaction) -> None:
-    for finding in detail.findings:
-        key = f"aws.securityhub:{finding.id}"
-        incident = await tx.find_open(key)
-        closed = finding.record_state == "ARCHIVED" or (
-            finding.workflow is not None and finding.workflow.status in ("RESOLVED", "SUPPRESSED")
-        )
-        if closed:
-            if incident is not None:
-                incident.resolve(at=cmd.time, actor="aws.securityhub", message_id=ctx.message_id)
-                await tx.update(incident)
-            continue
-        if incident is not None:
-            incident.record_occurrence(at=cmd.time, actor="aws.securityhub", message_id=ctx.message_id)
-            await tx.update(incident)
-            continue
-        await tx.add(Incident.open(
-            at=cmd.time, actor="aws.securityhub", message_id=ctx.message_id,
-            title=finding.title, service="securityhub", environment=finding.aws_account_id or cmd.account,
-            severity=normalise_severity(finding.severity.label), source="aws.securityhub",
-            source_alert={"Id": finding.id, "Severity": finding.severity.label, "region": cmd.region},
-            dedup_key=key,
-        ))  # fmt: skip
+def _finding_closed(finding: Finding) -> bool:
+    """Workflow RESOLVED or SUPPRESSED resolves, and so does an ARCHIVED record (the control is gone)."""
+    workflow = finding.workflow.status if finding.workflow is not None else ""
+    return finding.record_state == "ARCHIVED" or workflow in ("RESOLVED", "SUPPRESSED")
 
 
-async def create_incident(cmd: CreateIncident, ctx: Context, store: IncidentStore) -> None:
+async def _findings(cmd: AwsEvent, detail: SecurityHubDetail, work: _Work) -> None:
+    keyed = [(f"aws.securityhub:{f.id}", f) for f in detail.findings]
+    await work.load(
+        [k for k, _ in keyed], {("securityhub", f.aws_account_id or cmd.account) for _, f in keyed}
+    )
+    for key, finding in keyed:
+        at = _iso(finding.updated_at) or cmd.time
+        fields = {
+            "title": finding.title, "service": "securityhub",
+            "environment": finding.aws_account_id or cmd.account,
+            "severity": normalise_severity(finding.severity.label), "source": "aws.securityhub",
+            "source_alert": {"Id": finding.id, "Severity": finding.severity.label, "region": cmd.region,
+                             "Description": finding.description, "Resources": finding.resources,
+                             "RecordState": finding.record_state,
+                             "Workflow": finding.workflow.status if finding.workflow else ""},
+        }  # fmt: skip
+        if _finding_closed(finding):
+            await work.resolve(key, at, "aws.securityhub", fields, started=_iso(finding.created_at))
+        else:
+            await work.fire(key, at, "aws.securityhub", fields)
+
+
+# --- incidentd's own commands -------------------------------------------------------------------------
+
+
+async def create_incident(
+    cmd: CreateIncident, ctx: Context, store: IncidentStore, policy: IncidentPolicy
+) -> None:
     key = cmd.dedup_key or f"manual:{ctx.idempotency_key}"
+    fields = {
+        "title": cmd.title, "service": cmd.service, "environment": cmd.environment, "severity": cmd.severity,
+        "source": "manual", "runbook_url": cmd.runbook_url,
+        "source_alert": {"description": cmd.description} if cmd.description else {},
+    }  # fmt: skip
     async with store.transaction(ctx.idempotency_key) as tx:
         if tx.already_processed:
             return
-        incident = await tx.find_open(key)
-        if incident is not None:
-            incident.record_occurrence(at=cmd.at, actor=cmd.actor, message_id=ctx.message_id)
-            await tx.update(incident)
-            return
-        await tx.add(Incident.open(
-            at=cmd.at, actor=cmd.actor, message_id=ctx.message_id, title=cmd.title, service=cmd.service,
-            environment=cmd.environment, severity=cmd.severity, source="manual", dedup_key=key,
-            runbook_url=cmd.runbook_url, source_alert={"description": cmd.description} if cmd.description else {},
-        ))  # fmt: skip
+        work = _Work(tx, ctx, policy)
+        await work.load([key], [(cmd.service, cmd.environment)])
+        await work.fire(key, cmd.at, cmd.actor, fields)
 
 
 async def acknowledge_incident(cmd: AcknowledgeIncident, ctx: Context, store: IncidentStore) -> None:
@@ -227,15 +363,33 @@ async def add_note(cmd: AddNote, ctx: Context, store: IncidentStore) -> None:
 
 
 async def _referenced(tx: Transaction, cmd: IncidentRef) -> Incident:
-    incident = await (tx.get(cmd.incident_id) if cmd.incident_id else tx.find_latest(cmd.dedup_key))
-    if incident is None:
+    if cmd.incident_id is not None:
+        incident = await tx.get(cmd.incident_id)
+        if incident is None:
+            # Ids are made by the worker when it opens an incident: an unknown id never appears later.
+            raise PermanentError(f"no incident {cmd.incident_id}")
+        return incident
+    found = (await tx.latest([cmd.dedup_key])).get(cmd.dedup_key)
+    if found is None:
         # The create may still be in flight (deliveries are not ordered): retry, bounded by max_attempts.
-        raise TransientError(f"no incident {cmd.incident_id or cmd.dedup_key!r} (yet)")
-    return incident
+        raise TransientError(f"no incident with dedup key {cmd.dedup_key!r} (yet)")
+    return found
 
 
 def _epoch_ms(value: int | None) -> datetime:
     return datetime.fromtimestamp(value / 1000, UTC) if value else datetime.now(UTC)
+
+
+def _epoch_ns(value: int) -> datetime:
+    """OEC's ``updatedAt`` is in nanoseconds (``createdAt`` in milliseconds)."""
+    return datetime.fromtimestamp(value / 1_000_000_000, UTC)
+
+
+def _iso(value: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+    except ValueError:
+        return None
 
 
 HANDLERS: dict[type[Command], Sequence[Handler]] = {

@@ -1,12 +1,32 @@
-"""The incident: what incidentd makes of events, and the transitions that change it.
+"""The incident: what incidentd makes of events, and the rules that change it.
 
 Every change goes through a method here and appends a :class:`TimelineEntry`, so the timeline is the
 incident's full history (who, when, why, and the message that caused it).
+
+Out-of-order safety
+-------------------
+Deliveries are not ordered, so the status is never "whatever the last message said". Each event
+carries its own time (Alertmanager ``startsAt`` / ``endsAt``, OEC ``createdAt`` / ``updatedAt``,
+EventBridge ``time``), and the status is *replayed*: the status-changing entries of the timeline are
+folded in event-time order (:meth:`Incident._replay`). Whatever order the same events arrive in, the
+incident ends in the same status - the one the latest event implies:
+
+* a firing that is older than (or as old as) the resolution does not reopen;
+* an acknowledgement older than the resolution, or older than a later un-acknowledgement, changes
+  nothing;
+* a resolution that arrives late, older than firings already recorded, leaves the incident open:
+  those firings say the problem came back.
+
+A firing *newer* than the resolution of the latest incident with its dedup key opens a **new**
+incident (:meth:`Incident.successor`), not a reopening: a recurrence hours later is a new page with
+its own times, acknowledgement and metrics. The successor remembers the resolution it follows
+(``follows``); events at or before that time belong to the predecessor and are recorded without effect.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Iterable
+from datetime import datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID, uuid4
 
@@ -16,15 +36,22 @@ Status = Literal["open", "acknowledged", "resolved"]
 Source = Literal["alertmanager", "opsgenie", "aws.health", "aws.securityhub", "manual"]
 SeverityName = Literal["critical", "high", "medium", "low", "info"]
 
+# Timeline kinds that change the status, and their order when two events carry the same time: a
+# resolution at the same instant as a firing wins (an event exactly at the resolution counts as before it).
+_STATUS_KINDS = {"opened": 0, "occurrence": 0, "acknowledged": 1, "unacknowledged": 2, "resolved": 3}
+_FIRING = ("opened", "occurrence")
+
 
 class TimelineEntry(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     at: datetime
-    kind: str  # opened | occurrence | acknowledged | unacknowledged | assigned | note | resolved | action
+    # opened | occurrence | acknowledged | unacknowledged | resolved (these replay into the status)
+    # assigned | note | action (recorded only)
+    kind: str
     actor: str = ""
     note: str = ""
-    status: Status
+    status: Status  # the incident's status once this entry was recorded
     message_id: str = ""
 
 
@@ -48,34 +75,70 @@ class Incident(BaseModel):
     acknowledged_at: datetime | None = None
     resolved_at: datetime | None = None
     last_event_at: datetime
+    # Set on a successor: the resolution time of the incident it follows (see the module docstring).
+    follows: datetime | None = None
+    predecessor: UUID | None = None
     links: dict[str, str] = Field(default_factory=dict)  # e.g. {"github_issue": "42"}
     timeline: list[TimelineEntry] = Field(default_factory=list)
 
     @classmethod
-    def open(cls, *, at: datetime, actor: str, message_id: str, **fields: Any) -> Incident:
+    def open(cls, *, at: datetime, actor: str, message_id: str, note: str = "", **fields: Any) -> Incident:
         incident = cls(created_at=at, last_event_at=at, **fields)
-        incident._record(at, "opened", actor, message_id)
+        incident._record(at, "opened", actor, message_id, note)
         return incident
+
+    @classmethod
+    def already_resolved(
+        cls, *, started: datetime | None, at: datetime, actor: str, message_id: str, **fields: Any
+    ) -> Incident:
+        """An incident whose resolution arrives before (or instead of) its firing.
+
+        Kept, not skipped: the firing may still be in flight, and this record is what stops it from
+        opening an incident that is already over.
+        """
+        start = min(started, at) if started else at
+        incident = cls.open(at=start, actor=actor, message_id=message_id, **fields)
+        incident.resolve(at=at, actor=actor, message_id=message_id)
+        return incident
+
+    def successor(self, *, at: datetime, actor: str, message_id: str, **fields: Any) -> Incident:
+        """The new incident a firing newer than this (resolved) incident's resolution opens.
+
+        Acknowledgements that arrived early, newer than the resolution, move along: they belong to
+        the new episode.
+        """
+        assert self.resolved_at is not None
+        follows = self.resolved_at
+        new = Incident.open(
+            at=at, actor=actor, message_id=message_id, follows=follows, predecessor=self.id, **fields
+        )
+        early = [e for e in self.timeline if e.at > follows and e.kind in ("acknowledged", "unacknowledged")]
+        if early:
+            new.timeline.extend(early)
+            new._replay()
+        return new
 
     @property
     def is_open(self) -> bool:
         return self.status != "resolved"
 
-    def record_occurrence(self, *, at: datetime, actor: str, message_id: str) -> None:
+    def starts_new_episode(self, at: datetime) -> bool:
+        """True when a firing at ``at`` must open a successor rather than count on this incident."""
+        return self.status == "resolved" and self.resolved_at is not None and at > self.resolved_at
+
+    def record_occurrence(self, *, at: datetime, actor: str, message_id: str, note: str = "") -> None:
+        """The same problem fired again (dedup): count it; it reopens only a resolution older than it."""
         self.occurrences += 1
-        self._record(at, "occurrence", actor, message_id)
+        self._record(at, "occurrence", actor, message_id, note)
 
     def acknowledge(self, *, at: datetime, actor: str, message_id: str, note: str = "") -> None:
-        if self.status == "open":
-            self.status = "acknowledged"
-            self.acknowledged_at = at
-            self._record(at, "acknowledged", actor, message_id, note)
+        self._record(at, "acknowledged", actor, message_id, note)
 
-    def unacknowledge(self, *, at: datetime, actor: str, message_id: str) -> None:
-        if self.status == "acknowledged":
-            self.status = "open"
-            self.acknowledged_at = None
-            self._record(at, "unacknowledged", actor, message_id)
+    def unacknowledge(self, *, at: datetime, actor: str, message_id: str, note: str = "") -> None:
+        self._record(at, "unacknowledged", actor, message_id, note)
+
+    def resolve(self, *, at: datetime, actor: str, message_id: str, note: str = "") -> None:
+        self._record(at, "resolved", actor, message_id, note)
 
     def assign(self, *, owner: str, at: datetime, actor: str, message_id: str) -> None:
         self.assignee = owner
@@ -87,19 +150,61 @@ class Incident(BaseModel):
     def record_action(
         self, *, action: str, at: datetime, actor: str, message_id: str, note: str = ""
     ) -> None:
+        """An action incidentd has no transition for (e.g. an OEC custom action): kept on the timeline."""
         self._record(at, "action", actor, message_id, f"{action}: {note}" if note else action)
-
-    def resolve(self, *, at: datetime, actor: str, message_id: str, note: str = "") -> None:
-        if self.status != "resolved":
-            self.status = "resolved"
-            self.resolved_at = at
-            self._record(at, "resolved", actor, message_id, note)
 
     def _record(self, at: datetime, kind: str, actor: str, message_id: str, note: str = "") -> None:
         self.last_event_at = max(self.last_event_at, at)
-        self.timeline.append(
-            TimelineEntry(at=at, kind=kind, actor=actor, note=note, status=self.status, message_id=message_id)
+        entry = TimelineEntry(
+            at=at, kind=kind, actor=actor, note=note, status=self.status, message_id=message_id
         )
+        self.timeline.append(entry)
+        if kind in _STATUS_KINDS:
+            self._replay()
+            self.timeline[-1] = entry.model_copy(update={"status": self.status})
+
+    def _replay(self) -> None:
+        """Fold the status-changing entries in event-time order; the arrival order does not matter."""
+        entries = sorted(
+            (e for e in self.timeline
+             if e.kind in _STATUS_KINDS and (self.follows is None or e.at > self.follows)),
+            key=lambda e: (e.at, _STATUS_KINDS[e.kind]),
+        )  # fmt: skip
+        status: Status | None = None
+        acknowledged_at: datetime | None = None
+        resolved_at: datetime | None = None
+        for entry in entries:
+            if entry.kind in _FIRING:
+                if status in (None, "resolved"):
+                    status, acknowledged_at, resolved_at = "open", None, None
+            elif entry.kind == "resolved":
+                status, resolved_at = "resolved", entry.at
+            elif entry.kind == "acknowledged" and status == "open":
+                status, acknowledged_at = "acknowledged", entry.at
+            elif entry.kind == "unacknowledged" and status == "acknowledged":
+                status, acknowledged_at = "open", None
+        if status is not None:
+            self.status, self.acknowledged_at, self.resolved_at = status, acknowledged_at, resolved_at
+
+
+def correlation_group(incident: Incident, open_incidents: Iterable[Incident], window: timedelta) -> str:
+    """The correlation group a newly opened incident joins.
+
+    Open incidents of the same service and environment whose last event lies within ``window`` of
+    this incident's start share a group (the oldest such group wins); otherwise the incident starts a
+    group of its own, named after its id. Incidents without a service are not correlated.
+    """
+    if not incident.service:
+        return str(incident.id)
+    related = [
+        other for other in open_incidents
+        if other.id != incident.id and other.is_open and other.correlation_group
+        and (other.service, other.environment) == (incident.service, incident.environment)
+        and abs(incident.created_at - other.last_event_at) <= window
+    ]  # fmt: skip
+    if not related:
+        return str(incident.id)
+    return min(related, key=lambda other: other.created_at).correlation_group
 
 
 class IncidentPolicy(BaseModel):
@@ -110,12 +215,17 @@ class IncidentPolicy(BaseModel):
     service_labels: tuple[str, ...] = ("service", "job")
     environment_labels: tuple[str, ...] = ("environment", "env")
     severity_label: str = "severity"
+    correlation_window: float = 300.0  # seconds
 
     def pick(self, labels: dict[str, str], names: tuple[str, ...]) -> str:
         return next((labels[n] for n in names if labels.get(n)), "")
 
     def severity(self, labels: dict[str, str]) -> SeverityName:
         return normalise_severity(labels.get(self.severity_label, ""))
+
+    @property
+    def window(self) -> timedelta:
+        return timedelta(seconds=self.correlation_window)
 
 
 _SEVERITY_WORDS: dict[str, SeverityName] = {

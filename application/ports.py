@@ -6,11 +6,11 @@ fakes. A protocol exists here only where the application needs one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 from uuid import UUID
 
 from application.incidents import Incident, Status
@@ -26,18 +26,32 @@ class Transaction(Protocol):
     ``already_processed`` is true and the handler must change nothing. On a clean exit the changes and
     the key commit together (so a redelivered message has no second effect); on an exception nothing
     is kept.
+
+    Concurrent transactions about the same incident serialise: every read of an incident first locks
+    its dedup key for the rest of the transaction (in PostgreSQL an advisory transaction lock, which
+    also covers a key that has no incident yet), so a read-modify-write never loses another's update.
     """
 
     already_processed: bool
 
-    async def get(self, incident_id: UUID) -> Incident | None: ...
+    async def lock(self, keys: Iterable[str]) -> None:
+        """Lock these keys (dedup keys, or any other name) until the transaction ends.
 
-    async def find_open(self, dedup_key: str) -> Incident | None:
-        """The unresolved incident with this dedup key, if any, locked for this transaction."""
+        Locks are taken in one fixed order, so two transactions locking overlapping sets never
+        deadlock. Take every lock a handler needs in one call, before reading.
+        """
         ...
 
-    async def find_latest(self, dedup_key: str) -> Incident | None:
-        """The most recently created incident with this dedup key, open or not, locked."""
+    async def latest(self, dedup_keys: Collection[str]) -> dict[str, Incident]:
+        """Lock these dedup keys, and return the most recently created incident of each that has one."""
+        ...
+
+    async def get(self, incident_id: UUID) -> Incident | None:
+        """The incident with this id, its dedup key locked."""
+        ...
+
+    async def open_incidents(self, service: str, environment: str) -> list[Incident]:
+        """Unresolved incidents of this service and environment (correlation candidates)."""
         ...
 
     async def add(self, incident: Incident) -> None: ...
@@ -54,9 +68,35 @@ class IncidentStore(Protocol):
         self, *, status: Status | None = None, service: str | None = None, limit: int = 1000
     ) -> list[Incident]: ...
 
+    async def count_active(self) -> dict[tuple[str, str], int]:
+        """Unresolved incidents per (severity, service), for the active-incidents gauge."""
+        ...
+
     async def ping(self) -> None:
         """Raise if the store cannot be reached (used by the readiness probe)."""
         ...
+
+
+class IncidentObserver(Protocol):
+    """Told about each incident a transaction added or changed, after the commit (metrics).
+
+    ``previous`` is the status before the transaction (None for a new incident). Called once per
+    committed change: a redelivered message that changes nothing is not reported again.
+    """
+
+    def changed(self, incident: Incident, previous: Status | None) -> None: ...
+
+
+class ActionRunner(Protocol):
+    """Runs Opsgenie OEC actions incidentd has no transition for (custom actions such as
+    ``restartDeployment``), filled in by the adapters.
+
+    Called inside the store transaction, after the action is on the incident's timeline: if it raises
+    TransientError the whole message is retried (the side effect is at-least-once; the store change is
+    still once). Returns a short result for the timeline, or None when no runner knows the action.
+    """
+
+    async def run(self, action: str, incident: Incident, payload: Mapping[str, Any]) -> str | None: ...
 
 
 # --- brokers ----------------------------------------------------------------------------------------

@@ -44,6 +44,14 @@ class Settings(BaseSettings):
     service_labels: list[str] = Field(default_factory=lambda: ["service", "job"])
     environment_labels: list[str] = Field(default_factory=lambda: ["environment", "env"])
     severity_label: str = "severity"
+    # Open incidents of the same service and environment within this many seconds share a correlation group.
+    correlation_window: float = Field(default=300.0, ge=0)
+
+    # --- PostgreSQL incident store (store=postgres) ------------------------------------------------------
+    postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/test"
+    postgres_schema: str = Field(default="", pattern=r"^([a-z_][a-z0-9_]{0,62})?$")  # "" = server default
+    postgres_pool_min: int = Field(default=2, ge=1, le=100)
+    postgres_pool_max: int = Field(default=10, ge=1, le=100)
 
     @field_validator("retry_backoff")
     @classmethod

@@ -1,13 +1,14 @@
 """Incidents in SQLite, for the embedded default: no server, and incidents persist across runs.
 
-SQLite has one writer at a time, so transactions are serialised by a lock; that is also what makes
-concurrent messages about the same incident safe here.
+SQLite has one writer at a time, so transactions are serialised by a lock (``BEGIN IMMEDIATE`` under an
+asyncio lock); that is also what makes concurrent messages about the same incident safe here, so
+:meth:`_Transaction.lock` has nothing left to do. The schema is versioned with ``PRAGMA user_version``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,23 +17,34 @@ from uuid import UUID
 import aiosqlite
 
 from application.incidents import Incident, Status
+from application.ports import IncidentObserver
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS incidents (
-    id TEXT PRIMARY KEY,
-    dedup_key TEXT NOT NULL,
-    status TEXT NOT NULL,
-    service TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    doc TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS incidents_by_dedup_key ON incidents (dedup_key, created_at);
-CREATE INDEX IF NOT EXISTS incidents_by_status ON incidents (status, created_at);
-CREATE TABLE IF NOT EXISTS processed_messages (
-    key TEXT PRIMARY KEY,
-    processed_at TEXT NOT NULL
-);
-"""
+# Index i holds the statements that bring the schema from version i to i + 1.
+MIGRATIONS = [
+    """
+    CREATE TABLE IF NOT EXISTS incidents (
+        id TEXT PRIMARY KEY,
+        dedup_key TEXT NOT NULL,
+        status TEXT NOT NULL,
+        service TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        doc TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS incidents_by_dedup_key ON incidents (dedup_key, created_at);
+    CREATE INDEX IF NOT EXISTS incidents_by_status ON incidents (status, created_at);
+    CREATE TABLE IF NOT EXISTS processed_messages (
+        key TEXT PRIMARY KEY,
+        processed_at TEXT NOT NULL
+    );
+    """,
+    """
+    ALTER TABLE incidents ADD COLUMN environment TEXT NOT NULL DEFAULT '';
+    ALTER TABLE incidents ADD COLUMN severity TEXT NOT NULL DEFAULT 'medium';
+    CREATE INDEX IF NOT EXISTS incidents_latest ON incidents (dedup_key);  -- rowid order within a key
+    CREATE INDEX IF NOT EXISTS incidents_open_by_scope ON incidents (service, environment)
+        WHERE status != 'resolved';
+    """,
+]
 
 
 async def connect(path: Path | str) -> aiosqlite.Connection:
@@ -44,55 +56,91 @@ async def connect(path: Path | str) -> aiosqlite.Connection:
     return db
 
 
+async def migrate(db: aiosqlite.Connection) -> None:
+    async with db.execute("PRAGMA user_version") as cursor:
+        row = await cursor.fetchone()
+    version = row[0] if row else 0
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        await db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
+
+
+_COLUMNS = "id, dedup_key, status, service, environment, severity, created_at, doc"
+_UPSERT = (
+    f"INSERT INTO incidents ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET status = excluded.status, service = excluded.service, "
+    "environment = excluded.environment, severity = excluded.severity, doc = excluded.doc"
+)
+
+
+def _row(incident: Incident) -> tuple[str, ...]:
+    return (str(incident.id), incident.dedup_key, incident.status, incident.service, incident.environment,
+            incident.severity, incident.created_at.isoformat(), incident.model_dump_json())  # fmt: skip
+
+
 class _Transaction:
     def __init__(self, db: aiosqlite.Connection, already_processed: bool) -> None:
         self._db = db
         self.already_processed = already_processed
+        self.changed: dict[UUID, tuple[Incident, Status | None]] = {}
+        self._loaded: dict[UUID, Status] = {}
+
+    async def lock(self, keys: Iterable[str]) -> None:
+        """Nothing to do: the whole transaction already holds SQLite's one write lock."""
+
+    async def latest(self, dedup_keys: Collection[str]) -> dict[str, Incident]:
+        found: dict[str, Incident] = {}
+        for key in dedup_keys:
+            incident = await self._one(
+                "SELECT doc FROM incidents WHERE dedup_key = ? ORDER BY rowid DESC LIMIT 1", key
+            )
+            if incident is not None:
+                found[key] = incident
+        return found
 
     async def get(self, incident_id: UUID) -> Incident | None:
         return await self._one("SELECT doc FROM incidents WHERE id = ?", str(incident_id))
 
-    async def find_open(self, dedup_key: str) -> Incident | None:
-        return await self._one(
-            "SELECT doc FROM incidents WHERE dedup_key = ? AND status != 'resolved' "
-            "ORDER BY created_at DESC LIMIT 1",
-            dedup_key,
-        )
-
-    async def find_latest(self, dedup_key: str) -> Incident | None:
-        return await self._one(
-            "SELECT doc FROM incidents WHERE dedup_key = ? ORDER BY created_at DESC LIMIT 1", dedup_key
-        )
+    async def open_incidents(self, service: str, environment: str) -> list[Incident]:
+        sql = "SELECT doc FROM incidents WHERE service = ? AND environment = ? AND status != 'resolved'"
+        async with self._db.execute(sql, (service, environment)) as cursor:
+            return [Incident.model_validate_json(r[0]) for r in await cursor.fetchall()]
 
     async def add(self, incident: Incident) -> None:
-        await self._db.execute(
-            "INSERT INTO incidents (id, dedup_key, status, service, created_at, doc) VALUES (?, ?, ?, ?, ?, ?)",
-            (str(incident.id), incident.dedup_key, incident.status, incident.service,
-             incident.created_at.isoformat(), incident.model_dump_json()),
-        )  # fmt: skip
+        await self._db.execute(_UPSERT, _row(incident))
+        self.changed[incident.id] = (incident, None)
 
     async def update(self, incident: Incident) -> None:
-        await self._db.execute(
-            "UPDATE incidents SET status = ?, service = ?, doc = ? WHERE id = ?",
-            (incident.status, incident.service, incident.model_dump_json(), str(incident.id)),
+        await self._db.execute(_UPSERT, _row(incident))
+        previous = (
+            self.changed[incident.id][1] if incident.id in self.changed else self._loaded.get(incident.id)
         )
+        self.changed[incident.id] = (incident, previous)
 
     async def _one(self, sql: str, *args: str) -> Incident | None:
         async with self._db.execute(sql, args) as cursor:
             row = await cursor.fetchone()
-        return Incident.model_validate_json(row[0]) if row else None
+        if row is None:
+            return None
+        incident = Incident.model_validate_json(row[0])
+        self._loaded.setdefault(incident.id, incident.status)
+        return incident
 
 
 class SqliteStore:
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, observer: IncidentObserver | None = None) -> None:
         self._db = db
         self._lock = asyncio.Lock()
+        self._observer = observer
 
     @classmethod
-    async def open(cls, path: Path | str) -> SqliteStore:
+    async def open(cls, path: Path | str, observer: IncidentObserver | None = None) -> SqliteStore:
         db = await connect(path)
-        await db.executescript(SCHEMA)
-        return cls(db)
+        try:
+            await migrate(db)
+        except BaseException:
+            await db.close()  # its thread would keep the process alive
+            raise
+        return cls(db, observer)
 
     async def close(self) -> None:
         await self._db.close()
@@ -106,7 +154,8 @@ class SqliteStore:
                     "SELECT 1 FROM processed_messages WHERE key = ?", (idempotency_key,)
                 ) as cursor:
                     seen = await cursor.fetchone() is not None
-                yield _Transaction(self._db, seen)
+                tx = _Transaction(self._db, seen)
+                yield tx
                 if not seen:
                     await self._db.execute(
                         "INSERT INTO processed_messages (key, processed_at) VALUES (?, ?)",
@@ -116,6 +165,9 @@ class SqliteStore:
                 await self._db.execute("ROLLBACK")
                 raise
             await self._db.execute("COMMIT")
+        if self._observer is not None:
+            for incident, previous in tx.changed.values():
+                self._observer.changed(incident, previous)
 
     async def get(self, incident_id: UUID) -> Incident | None:
         async with self._db.execute("SELECT doc FROM incidents WHERE id = ?", (str(incident_id),)) as cursor:
@@ -133,10 +185,15 @@ class SqliteStore:
             clauses.append("service = ?")
             args.append(service)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"SELECT doc FROM incidents {where} ORDER BY created_at DESC LIMIT ?"
+        sql = f"SELECT doc FROM incidents {where} ORDER BY created_at DESC, rowid DESC LIMIT ?"
         async with self._db.execute(sql, (*args, limit)) as cursor:
             rows = await cursor.fetchall()
         return [Incident.model_validate_json(r[0]) for r in rows]
+
+    async def count_active(self) -> dict[tuple[str, str], int]:
+        sql = "SELECT severity, service, count(*) FROM incidents WHERE status != 'resolved' GROUP BY 1, 2"
+        async with self._db.execute(sql) as cursor:
+            return {(r[0], r[1]): r[2] for r in await cursor.fetchall()}
 
     async def ping(self) -> None:
         await self._db.execute("SELECT 1")

@@ -1,0 +1,88 @@
+"""Incident metrics for Prometheus, registered on a registry the caller owns (the ops server's).
+
+Counters and histograms are fed by :class:`IncidentMetrics` as an
+:class:`~application.ports.IncidentObserver`: the store reports each committed change once, so summing
+them over worker pods is right. The active-incidents gauge is not a sum of per-pod changes (a pod
+restarts, another resolves what this one opened): it is read from the store, by :meth:`refresh`, which
+:func:`keep_fresh` calls every few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from application.incidents import Incident, Status
+from application.ports import IncidentStore
+
+log = structlog.get_logger("incidentd.metrics")
+
+# Seconds: 30 s .. 1 day, for human response times.
+_BUCKETS = (30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 43200, 86400)
+
+
+class _ActiveIncidents(Collector):
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily(
+            "incidentd_incidents_active", "Unresolved incidents, as last read from the store.",
+            labels=["severity", "service"],
+        )  # fmt: skip
+        for (severity, service), count in sorted(self.counts.items()):
+            gauge.add_metric([severity, service], count)
+        yield gauge
+
+
+class IncidentMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._active = _ActiveIncidents()
+        registry.register(self._active)
+        self.opened = Counter(
+            "incidentd_incidents_opened", "Incidents opened.", ["source", "severity"], registry=registry
+        )
+        self.resolved = Counter(
+            "incidentd_incidents_resolved", "Incidents resolved.", ["source", "severity"], registry=registry
+        )
+        self.time_to_acknowledge = Histogram(
+            "incidentd_incident_time_to_acknowledge_seconds", "Incident start to acknowledgement.",
+            ["severity"], buckets=_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.time_to_resolve = Histogram(
+            "incidentd_incident_time_to_resolve_seconds", "From an incident's start to its resolution.",
+            ["severity"], buckets=_BUCKETS, registry=registry,
+        )  # fmt: skip
+
+    def changed(self, incident: Incident, previous: Status | None) -> None:
+        if previous is None:
+            self.opened.labels(incident.source, incident.severity).inc()
+        if incident.status == "acknowledged" and previous in (None, "open") and incident.acknowledged_at:
+            elapsed = (incident.acknowledged_at - incident.created_at).total_seconds()
+            self.time_to_acknowledge.labels(incident.severity).observe(max(elapsed, 0.0))
+        if incident.status == "resolved" and previous != "resolved" and incident.resolved_at:
+            self.resolved.labels(incident.source, incident.severity).inc()
+            elapsed = (incident.resolved_at - incident.created_at).total_seconds()
+            self.time_to_resolve.labels(incident.severity).observe(max(elapsed, 0.0))
+
+    async def refresh(self, store: IncidentStore) -> None:
+        self._active.counts = await store.count_active()
+
+
+def register_incident_metrics(registry: CollectorRegistry) -> IncidentMetrics:
+    return IncidentMetrics(registry)
+
+
+async def keep_fresh(metrics: IncidentMetrics, store: IncidentStore, interval: float = 15.0) -> None:
+    """Refresh the active gauge until cancelled; a failed read keeps the last value and is logged."""
+    while True:
+        try:
+            await metrics.refresh(store)
+        except Exception as exc:
+            log.warning("metrics.refresh_failed", error=f"{type(exc).__name__}: {exc}")
+        await asyncio.sleep(interval)

@@ -1,0 +1,1 @@
+"""Incidents in PostgreSQL (asyncpg pool; schema from versioned SQL migrations)."""

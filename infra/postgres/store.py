@@ -1,0 +1,177 @@
+"""Incidents in PostgreSQL through an asyncpg pool.
+
+Effectively-once: the transaction *starts* by inserting the message's idempotency key
+(``INSERT ... ON CONFLICT DO NOTHING``). A redelivered copy finds the key and changes nothing; a copy
+delivered concurrently blocks on the first one's uncommitted key and then finds it (or, if the first
+rolled back, takes over). The handler's changes are written in the same transaction, so a worker killed
+between commit and ack leaves the key behind and the redelivery is a no-op.
+
+Serialisation: before reading an incident a transaction takes ``pg_advisory_xact_lock`` on its dedup
+key (hashed) - a row lock cannot cover a key that has no incident yet, and two concurrent firings of a
+new fingerprint must not open two incidents. Locks are taken in hash order in one statement, so
+transactions never deadlock; a unique partial index (one unresolved incident per dedup key) is the
+safety net. Writes are buffered and sent at commit in one pipelined ``executemany``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from application.incidents import Incident, Status
+from application.ports import IncidentObserver
+from infra.postgres.migrate import _LOCK_NAMESPACE, migrate
+
+_LOCK = (
+    "SELECT pg_advisory_xact_lock($2, h) FROM "
+    "(SELECT DISTINCT hashtext(k) AS h FROM unnest($1::text[]) AS k ORDER BY 1) AS ordered"
+)
+_LATEST = (
+    "SELECT DISTINCT ON (dedup_key) doc::text FROM incidents WHERE dedup_key = ANY($1::text[]) "
+    "ORDER BY dedup_key, seq DESC"
+)
+_UPSERT = """
+INSERT INTO incidents (id, dedup_key, status, severity, service, environment, correlation_group,
+                       created_at, last_event_at, doc)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb)
+ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, severity = EXCLUDED.severity,
+    service = EXCLUDED.service, environment = EXCLUDED.environment,
+    correlation_group = EXCLUDED.correlation_group, last_event_at = EXCLUDED.last_event_at, doc = EXCLUDED.doc
+"""
+
+
+def _row(i: Incident) -> tuple[Any, ...]:
+    return (i.id, i.dedup_key, i.status, i.severity, i.service, i.environment, i.correlation_group,
+            i.created_at, i.last_event_at, i.model_dump_json())  # fmt: skip
+
+
+class _Transaction:
+    def __init__(self, conn: Any, already_processed: bool) -> None:
+        self._conn = conn
+        self.already_processed = already_processed
+        self._locked: set[str] = set()
+        self._loaded: dict[UUID, Status] = {}
+        self.staged: dict[UUID, tuple[Incident, Status | None]] = {}
+
+    async def lock(self, keys: Iterable[str]) -> None:
+        new = sorted(set(keys) - self._locked)
+        if new:
+            await self._conn.execute(_LOCK, new, _LOCK_NAMESPACE)
+            self._locked.update(new)
+
+    async def latest(self, dedup_keys: Collection[str]) -> dict[str, Incident]:
+        await self.lock(dedup_keys)
+        found = {}
+        for record in await self._conn.fetch(_LATEST, list(dedup_keys)):
+            incident = self._loaded_incident(record[0])
+            found[incident.dedup_key] = incident
+        return found
+
+    async def get(self, incident_id: UUID) -> Incident | None:
+        key = await self._conn.fetchval("SELECT dedup_key FROM incidents WHERE id = $1", incident_id)
+        if key is None:
+            return None
+        await self.lock([key])
+        doc = await self._conn.fetchval("SELECT doc::text FROM incidents WHERE id = $1", incident_id)
+        return self._loaded_incident(doc)
+
+    async def open_incidents(self, service: str, environment: str) -> list[Incident]:
+        sql = (
+            "SELECT doc::text FROM incidents WHERE service = $1 AND environment = $2 AND status <> 'resolved'"
+        )
+        found = {
+            i.id: i
+            for i in (
+                Incident.model_validate_json(r[0]) for r in await self._conn.fetch(sql, service, environment)
+            )
+        }
+        # What this transaction changed wins over what the table still says.
+        found.update(
+            (i.id, i) for i, _ in self.staged.values() if (i.service, i.environment) == (service, environment)
+        )
+        return [i for i in found.values() if i.is_open]
+
+    async def add(self, incident: Incident) -> None:
+        self.staged[incident.id] = (incident, None)
+
+    async def update(self, incident: Incident) -> None:
+        previous = (
+            self.staged[incident.id][1] if incident.id in self.staged else self._loaded.get(incident.id)
+        )
+        self.staged[incident.id] = (incident, previous)
+
+    async def flush(self) -> None:
+        rows = [_row(incident) for incident, _ in self.staged.values()]
+        if len(rows) == 1:
+            await self._conn.execute(_UPSERT, *rows[0])
+        elif rows:
+            await self._conn.executemany(_UPSERT, rows)
+
+    def _loaded_incident(self, doc: str) -> Incident:
+        incident = Incident.model_validate_json(doc)
+        self._loaded.setdefault(incident.id, incident.status)
+        return incident
+
+
+class PostgresStore:
+    def __init__(self, pool: asyncpg.Pool, observer: IncidentObserver | None = None) -> None:
+        self._pool = pool
+        self._observer = observer
+
+    @classmethod
+    async def open(
+        cls, dsn: str, *, min_size: int = 2, max_size: int = 10, schema: str = "",
+        observer: IncidentObserver | None = None,
+    ) -> PostgresStore:  # fmt: skip
+        """Create the pool and apply pending migrations; ``schema``, when set, is the search_path."""
+        settings = {"search_path": schema} if schema else None
+        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, server_settings=settings)
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn, schema)
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool, observer)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @asynccontextmanager
+    async def transaction(self, idempotency_key: str) -> AsyncIterator[_Transaction]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            first = await conn.fetchval(
+                "INSERT INTO processed_messages (key) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true",
+                idempotency_key,
+            )
+            tx = _Transaction(conn, already_processed=first is None)
+            yield tx
+            await tx.flush()
+        if self._observer is not None:
+            for incident, previous in tx.staged.values():
+                self._observer.changed(incident, previous)
+
+    async def get(self, incident_id: UUID) -> Incident | None:
+        doc = await self._pool.fetchval("SELECT doc::text FROM incidents WHERE id = $1", incident_id)
+        return Incident.model_validate_json(doc) if doc else None
+
+    async def list(
+        self, *, status: Status | None = None, service: str | None = None, limit: int = 1000
+    ) -> list[Incident]:
+        sql = (
+            "SELECT doc::text FROM incidents WHERE ($1::text IS NULL OR status = $1) "
+            "AND ($2::text IS NULL OR service = $2) ORDER BY created_at DESC, seq DESC LIMIT $3"
+        )
+        rows = await self._pool.fetch(sql, status, service, limit)
+        return [Incident.model_validate_json(r[0]) for r in rows]
+
+    async def count_active(self) -> dict[tuple[str, str], int]:
+        sql = "SELECT severity, service, count(*) FROM incidents WHERE status <> 'resolved' GROUP BY 1, 2"
+        return {(r[0], r[1]): r[2] for r in await self._pool.fetch(sql)}
+
+    async def ping(self) -> None:
+        await self._pool.fetchval("SELECT 1")

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import collections
 import json
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -170,7 +171,7 @@ async def _publish(settings: Settings, body: bytes, attributes: dict[str, str]) 
 
 @cli.group()
 def incidents() -> None:
-    """Read the incident store."""
+    """Read the incident store; acknowledge or resolve through the broker."""
 
 
 @incidents.command("list")
@@ -179,18 +180,86 @@ def incidents() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON array, incidents with their timelines.")
 @click.pass_context
 def incidents_list(ctx: click.Context, status: str | None, service: str | None, as_json: bool) -> None:
-    """List incidents, newest first."""
+    """List incidents by correlation group (the group of the newest incident first), newest first."""
     found = asyncio.run(_incidents(_settings(ctx), status, service))
     if as_json:
         click.echo(json.dumps([i.model_dump(mode="json") for i in found], indent=2))
-    else:
-        click.echo("\n".join(_table(found)))
+        return
+    groups: dict[str, list[Incident]] = {}
+    for incident in found:
+        groups.setdefault(incident.correlation_group or str(incident.id), []).append(incident)
+    for group, members in groups.items():
+        first = members[0]
+        scope = "/".join(x for x in (first.service, first.environment) if x) or "-"
+        click.echo(f"group {group[:8]}  {scope}  {len(members)} incident(s)")
+        click.echo("\n".join("  " + row for row in _table(members)))
 
 
 async def _incidents(settings: Settings, status: str | None, service: str | None) -> list[Incident]:
     async with _container(settings) as container:
         store = await container.store()
         return await store.list(status=status, service=service)  # type: ignore[no-any-return]
+
+
+@incidents.command("show")
+@click.argument("incident_id", type=click.UUID)
+@click.option("--json", "as_json", is_flag=True, help="The incident as JSON.")
+@click.pass_context
+def incidents_show(ctx: click.Context, incident_id: Any, as_json: bool) -> None:
+    """Show one incident with its timeline (every transition: time, kind, actor, note, message)."""
+    incident = asyncio.run(_incident(_settings(ctx), incident_id))
+    if incident is None:
+        raise click.ClickException(f"no incident {incident_id}")
+    if as_json:
+        click.echo(incident.model_dump_json(indent=2))
+        return
+    for name in ("id", "title", "status", "severity", "service", "environment", "source", "dedup_key",
+                 "correlation_group", "assignee", "runbook_url", "occurrences", "created_at",
+                 "acknowledged_at", "resolved_at", "predecessor"):  # fmt: skip
+        value = getattr(incident, name)
+        if value not in (None, ""):
+            click.echo(f"{name:18} {value}")
+    click.echo("timeline:")
+    for entry in sorted(incident.timeline, key=lambda e: e.at):
+        note = f"  {entry.note}" if entry.note else ""
+        click.echo(f"  {entry.at.isoformat()}  {entry.kind:14} {entry.status:12} {entry.actor}{note}")
+
+
+async def _incident(settings: Settings, incident_id: Any) -> Incident | None:
+    async with _container(settings) as container:
+        store = await container.store()
+        return await store.get(incident_id)  # type: ignore[no-any-return]
+
+
+def _incident_command(ctx: click.Context, type_name: str, incident_id: Any, note: str) -> None:
+    """Publish the command like any other source: the worker changes the store, not this process."""
+    settings = _settings(ctx)
+    if settings.broker == "memory":
+        raise click.UsageError(
+            "the memory broker lives inside one worker process; use 'worker --from FILE', "
+            "or set INCIDENTD_BROKER=rabbitmq or pubsub"
+        )
+    actor = os.environ.get("USER") or "cli"
+    body = json.dumps({"incident_id": str(incident_id), "note": note, "actor": actor}).encode()
+    click.echo(asyncio.run(_publish(settings, body, {TYPE_ATTR: type_name})))
+
+
+@incidents.command("ack")
+@click.argument("incident_id", type=click.UUID)
+@click.option("--note", default="", help="Kept on the incident's timeline.")
+@click.pass_context
+def incidents_ack(ctx: click.Context, incident_id: Any, note: str) -> None:
+    """Publish an incident.acknowledge command for INCIDENT_ID; print its message id."""
+    _incident_command(ctx, "incident.acknowledge", incident_id, note)
+
+
+@incidents.command("resolve")
+@click.argument("incident_id", type=click.UUID)
+@click.option("--note", default="", help="Kept on the incident's timeline.")
+@click.pass_context
+def incidents_resolve(ctx: click.Context, incident_id: Any, note: str) -> None:
+    """Publish an incident.resolve command for INCIDENT_ID; print its message id."""
+    _incident_command(ctx, "incident.resolve", incident_id, note)
 
 
 @cli.group()

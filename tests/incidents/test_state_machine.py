@@ -87,12 +87,18 @@ async def latest(store: SqliteStore, key: str) -> Incident | None:
 
 def timelines(kinds: tuple[str, ...]) -> st.SearchStrategy[list[Event]]:
     seconds = st.lists(st.integers(1, 60), min_size=1, max_size=8, unique=True)
-    return seconds.flatmap(lambda ts: st.tuples(*[st.sampled_from(kinds) for _ in ts]).map(lambda ks: list(zip(ks, ts, strict=True))))
+    return seconds.flatmap(
+        lambda ts: st.tuples(*[st.sampled_from(kinds) for _ in ts]).map(
+            lambda ks: list(zip(ks, ts, strict=True))
+        )
+    )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), a=timelines(("fire", "resolve", "ack")), b=timelines(("fire", "resolve", "ack")))
-def test_alertmanager_events_in_any_order_end_in_the_latest_events_state(data: Any, a: list[Event], b: list[Event]) -> None:
+def test_alertmanager_events_in_any_order_end_in_the_latest_events_state(
+    data: Any, a: list[Event], b: list[Event]
+) -> None:
     """Firing, resolved and acknowledge events for two fingerprints, delivered in any order, leave each
     fingerprint's latest incident in the status of the time-ordered fold (stale firings never reopen,
     stale acknowledgements never stick, a firing after the resolution opens a new incident)."""
@@ -149,5 +155,14 @@ def test_replay_examples() -> None:
     assert incident.resolved_at == at[5]
     incident.record_occurrence(at=at[5], actor="t", message_id="6")
     assert incident.status == "resolved"
-    assert not incident.starts_new_episode(at[5]) and incident.starts_new_episode(at[5] + timedelta(seconds=1))
-    assert [e.kind for e in incident.timeline] == ["opened", "occurrence", "resolved", "resolved", "acknowledged", "occurrence"]
+    assert not incident.starts_new_episode(at[5]) and incident.starts_new_episode(
+        at[5] + timedelta(seconds=1)
+    )
+    assert [e.kind for e in incident.timeline] == [
+        "opened",
+        "occurrence",
+        "resolved",
+        "resolved",
+        "acknowledged",
+        "occurrence",
+    ]

@@ -34,6 +34,7 @@ from application.errors import PermanentError, TransientError
 from application.incidents import (
     Incident,
     IncidentPolicy,
+    OpenGroup,
     SeverityName,
     correlation_group,
     normalise_severity,
@@ -53,8 +54,8 @@ class _Work:
         self._ctx = ctx
         self._policy = policy
         self.latest: dict[str, Incident] = {}
-        self._candidates: dict[tuple[str, str], list[Incident]] = {}
-        self._scopes: list[str] = []
+        self._scopes: list[tuple[str, str]] = []
+        self._groups: dict[str, OpenGroup] | None = None  # read once, when the first incident opens
 
     async def load(self, dedup_keys: Collection[str], scopes: Collection[tuple[str, str]] = ()) -> None:
         """Lock and read the dedup keys; remember the (service, environment) scopes of new incidents.
@@ -63,7 +64,7 @@ class _Work:
         opened at once agree on their correlation group), and then all of them at once, after the
         dedup keys: every transaction locks in that order, so none waits on another in a cycle.
         """
-        self._scopes = sorted({f"correlation:{s}/{e}" for s, e in scopes if s})
+        self._scopes = sorted({scope for scope in scopes if scope[0]})
         self.latest = await self._tx.latest(dedup_keys)
 
     async def fire(self, key: str, at: datetime, actor: str, fields: Fields, note: str = "") -> Incident:
@@ -83,8 +84,10 @@ class _Work:
             new = current.successor(at=at, actor=actor, **opened)
         else:
             new = Incident.open(at=at, actor=actor, **opened)
-        new.correlation_group = correlation_group(new, await self._open_in(new), self._policy.window)
-        self._candidates[(new.service, new.environment)].append(new)
+        groups = await self._open_groups()
+        new.correlation_group = correlation_group(new, groups.values(), self._policy.window)
+        joined = groups.get(new.correlation_group) or OpenGroup.started_by(new)
+        groups[new.correlation_group] = joined.joined_by(new)
         self.latest[key] = new
         await self._tx.add(new)
         return new
@@ -113,13 +116,14 @@ class _Work:
         await self._tx.add(new)
         return new
 
-    async def _open_in(self, incident: Incident) -> list[Incident]:
-        scope = (incident.service, incident.environment)
-        if scope not in self._candidates:
-            await self._tx.lock(self._scopes)
-            found = await self._tx.open_incidents(*scope) if incident.service else []
-            self._candidates[scope] = found
-        return self._candidates[scope]
+    async def _open_groups(self) -> dict[str, OpenGroup]:
+        if self._groups is None:
+            await self._tx.lock(
+                f"correlation:{service}/{environment}" for service, environment in self._scopes
+            )
+            found = await self._tx.open_groups(self._scopes) if self._scopes else []
+            self._groups = {group.name: group for group in found}
+        return self._groups
 
 
 # --- Alertmanager ----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ its own times, acknowledgement and metrics. The successor remembers the resoluti
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID, uuid4
@@ -187,24 +188,48 @@ class Incident(BaseModel):
             self.status, self.acknowledged_at, self.resolved_at = status, acknowledged_at, resolved_at
 
 
-def correlation_group(incident: Incident, open_incidents: Iterable[Incident], window: timedelta) -> str:
+@dataclass(frozen=True, slots=True)
+class OpenGroup:
+    """A correlation group that has unresolved incidents, as a store summarises it (no documents read)."""
+
+    name: str
+    service: str
+    environment: str
+    first_opened: datetime
+    last_event_at: datetime
+
+    @classmethod
+    def started_by(cls, incident: Incident) -> OpenGroup:
+        i = incident
+        return cls(i.correlation_group, i.service, i.environment, i.created_at, i.last_event_at)
+
+    def joined_by(self, incident: Incident) -> OpenGroup:
+        first, last = (
+            min(self.first_opened, incident.created_at),
+            max(self.last_event_at, incident.last_event_at),
+        )
+        return OpenGroup(self.name, self.service, self.environment, first, last)
+
+
+def correlation_group(incident: Incident, groups: Iterable[OpenGroup], window: timedelta) -> str:
     """The correlation group a newly opened incident joins.
 
-    Open incidents of the same service and environment whose last event lies within ``window`` of
-    this incident's start share a group (the oldest such group wins); otherwise the incident starts a
-    group of its own, named after its id. Incidents without a service are not correlated.
+    A group of the same service and environment whose incidents' events reach within ``window`` of
+    this incident's start (last event no earlier than start - window, first opening no later than
+    start + window) is joined - the oldest such group if several; otherwise the incident starts a group
+    of its own, named after its id. Incidents without a service are not correlated.
     """
     if not incident.service:
         return str(incident.id)
+    start = incident.created_at
     related = [
-        other for other in open_incidents
-        if other.id != incident.id and other.is_open and other.correlation_group
-        and (other.service, other.environment) == (incident.service, incident.environment)
-        and abs(incident.created_at - other.last_event_at) <= window
+        group for group in groups
+        if (group.service, group.environment) == (incident.service, incident.environment)
+        and group.last_event_at >= start - window and group.first_opened <= start + window
     ]  # fmt: skip
     if not related:
         return str(incident.id)
-    return min(related, key=lambda other: other.created_at).correlation_group
+    return min(related, key=lambda group: group.first_opened).name
 
 
 class IncidentPolicy(BaseModel):

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
-from application.incidents import Incident, Status
+from application.incidents import Incident, OpenGroup, Status
 from application.messages import Delivery, Message
 
 # --- incidents --------------------------------------------------------------------------------------
@@ -50,8 +50,8 @@ class Transaction(Protocol):
         """The incident with this id, its dedup key locked."""
         ...
 
-    async def open_incidents(self, service: str, environment: str) -> list[Incident]:
-        """Unresolved incidents of this service and environment (correlation candidates)."""
+    async def open_groups(self, scopes: Collection[tuple[str, str]]) -> list[OpenGroup]:
+        """The correlation groups with unresolved incidents in these (service, environment) scopes."""
         ...
 
     async def add(self, incident: Incident) -> None: ...

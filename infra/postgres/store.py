@@ -22,7 +22,7 @@ from uuid import UUID
 
 import asyncpg
 
-from application.incidents import Incident, Status
+from application.incidents import Incident, OpenGroup, Status
 from application.ports import IncidentObserver
 from infra.postgres.migrate import _LOCK_NAMESPACE, migrate
 
@@ -34,6 +34,11 @@ _LATEST = (
     "SELECT DISTINCT ON (dedup_key) doc::text FROM incidents WHERE dedup_key = ANY($1::text[]) "
     "ORDER BY dedup_key, seq DESC"
 )
+_OPEN_GROUPS = """
+SELECT correlation_group, service, environment, min(created_at), max(last_event_at) FROM incidents
+WHERE status <> 'resolved' AND (service, environment) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+GROUP BY 1, 2, 3
+"""
 _UPSERT = """
 INSERT INTO incidents (id, dedup_key, status, severity, service, environment, correlation_group,
                        created_at, last_event_at, doc)
@@ -79,21 +84,10 @@ class _Transaction:
         doc = await self._conn.fetchval("SELECT doc::text FROM incidents WHERE id = $1", incident_id)
         return self._loaded_incident(doc)
 
-    async def open_incidents(self, service: str, environment: str) -> list[Incident]:
-        sql = (
-            "SELECT doc::text FROM incidents WHERE service = $1 AND environment = $2 AND status <> 'resolved'"
-        )
-        found = {
-            i.id: i
-            for i in (
-                Incident.model_validate_json(r[0]) for r in await self._conn.fetch(sql, service, environment)
-            )
-        }
-        # What this transaction changed wins over what the table still says.
-        found.update(
-            (i.id, i) for i, _ in self.staged.values() if (i.service, i.environment) == (service, environment)
-        )
-        return [i for i in found.values() if i.is_open]
+    async def open_groups(self, scopes: Collection[tuple[str, str]]) -> list[OpenGroup]:
+        services, environments = zip(*scopes, strict=True) if scopes else ((), ())
+        rows = await self._conn.fetch(_OPEN_GROUPS, list(services), list(environments))
+        return [OpenGroup(*row) for row in rows]
 
     async def add(self, incident: Incident) -> None:
         self.staged[incident.id] = (incident, None)

@@ -16,7 +16,7 @@ from uuid import UUID
 
 import aiosqlite
 
-from application.incidents import Incident, Status
+from application.incidents import Incident, OpenGroup, Status
 from application.ports import IncidentObserver
 
 # Index i holds the statements that bring the schema from version i to i + 1.
@@ -40,6 +40,8 @@ MIGRATIONS = [
     """
     ALTER TABLE incidents ADD COLUMN environment TEXT NOT NULL DEFAULT '';
     ALTER TABLE incidents ADD COLUMN severity TEXT NOT NULL DEFAULT 'medium';
+    ALTER TABLE incidents ADD COLUMN correlation_group TEXT NOT NULL DEFAULT '';
+    ALTER TABLE incidents ADD COLUMN last_event_at TEXT NOT NULL DEFAULT '';
     CREATE INDEX IF NOT EXISTS incidents_latest ON incidents (dedup_key);  -- rowid order within a key
     CREATE INDEX IF NOT EXISTS incidents_open_by_scope ON incidents (service, environment)
         WHERE status != 'resolved';
@@ -64,17 +66,22 @@ async def migrate(db: aiosqlite.Connection) -> None:
         await db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
 
 
-_COLUMNS = "id, dedup_key, status, service, environment, severity, created_at, doc"
+_COLUMNS = (
+    "id, dedup_key, status, service, environment, severity, correlation_group, created_at, last_event_at, doc"
+)
 _UPSERT = (
-    f"INSERT INTO incidents ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    f"INSERT INTO incidents ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (id) DO UPDATE SET status = excluded.status, service = excluded.service, "
-    "environment = excluded.environment, severity = excluded.severity, doc = excluded.doc"
+    "environment = excluded.environment, severity = excluded.severity, "
+    "correlation_group = excluded.correlation_group, last_event_at = excluded.last_event_at, "
+    "doc = excluded.doc"
 )
 
 
 def _row(incident: Incident) -> tuple[str, ...]:
     return (str(incident.id), incident.dedup_key, incident.status, incident.service, incident.environment,
-            incident.severity, incident.created_at.isoformat(), incident.model_dump_json())  # fmt: skip
+            incident.severity, incident.correlation_group, incident.created_at.isoformat(),
+            incident.last_event_at.isoformat(), incident.model_dump_json())  # fmt: skip
 
 
 class _Transaction:
@@ -100,10 +107,20 @@ class _Transaction:
     async def get(self, incident_id: UUID) -> Incident | None:
         return await self._one("SELECT doc FROM incidents WHERE id = ?", str(incident_id))
 
-    async def open_incidents(self, service: str, environment: str) -> list[Incident]:
-        sql = "SELECT doc FROM incidents WHERE service = ? AND environment = ? AND status != 'resolved'"
-        async with self._db.execute(sql, (service, environment)) as cursor:
-            return [Incident.model_validate_json(r[0]) for r in await cursor.fetchall()]
+    async def open_groups(self, scopes: Collection[tuple[str, str]]) -> list[OpenGroup]:
+        if not scopes:
+            return []
+        pairs = " OR ".join(["(service = ? AND environment = ?)"] * len(scopes))
+        sql = (
+            "SELECT correlation_group, service, environment, min(created_at), max(last_event_at) "
+            f"FROM incidents WHERE status != 'resolved' AND ({pairs}) GROUP BY 1, 2, 3"
+        )
+        async with self._db.execute(sql, [value for scope in scopes for value in scope]) as cursor:
+            rows = await cursor.fetchall()
+        return [
+            OpenGroup(r[0], r[1], r[2], datetime.fromisoformat(r[3]), datetime.fromisoformat(r[4]))
+            for r in rows
+        ]
 
     async def add(self, incident: Incident) -> None:
         await self._db.execute(_UPSERT, _row(incident))

@@ -13,8 +13,8 @@ from datetime import datetime
 from typing import Protocol
 from uuid import UUID
 
-from application.incidents import Incident, Status
-from application.messages import Delivery
+from application.incidents import Incident, Status, TimelineEntry
+from application.messages import Delivery, Message, Outcome
 
 # --- incidents --------------------------------------------------------------------------------------
 
@@ -117,3 +117,53 @@ class Broker(Protocol):
     async def setup(self) -> None:
         """Declare / create the broker's topology; idempotent."""
         ...
+
+
+# --- adapters: event lake, issue tracker, chat notifier (issue 6) ------------------------------------
+
+
+class OutcomeObserver(Protocol):
+    """Told about every finished delivery, once, after the dispatcher decided its outcome.
+
+    Called on the event loop's thread: it must return at once and never raise (the event lake only
+    appends to a bounded buffer; a slow or failing observer must not hold up message processing).
+    """
+
+    def __call__(self, message: Message, command_type: str, outcome: Outcome, duration_s: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrackedIssue:
+    """An issue opened for an incident. Handlers store both in ``incident.links`` (see ISSUE_LINK)."""
+
+    number: int
+    url: str
+
+
+# Keys under which handlers store a tracked issue on the incident; the notifier links to the URL.
+ISSUE_LINK = "github_issue"
+ISSUE_URL_LINK = "github_issue_url"
+
+
+class IssueTracker(Protocol):
+    """Opens one issue per incident, comments on its transitions and closes it when it is resolved.
+
+    Redelivery-safe as long as the handler stores the returned issue on the incident in the same
+    transaction: ``open_issue`` returns the issue already named in ``incident.links`` without a call.
+    """
+
+    def tracks(self, incident: Incident) -> bool:
+        """Whether this incident gets an issue at all (e.g. severity at least ``critical``)."""
+        ...
+
+    async def open_issue(self, incident: Incident) -> TrackedIssue: ...
+
+    async def comment(self, incident: Incident, entry: TimelineEntry) -> None: ...
+
+    async def close_issue(self, incident: Incident, entry: TimelineEntry) -> None: ...
+
+
+class Notifier(Protocol):
+    """Tells people about one transition of an incident (the ``entry`` just appended to its timeline)."""
+
+    async def notify(self, incident: Incident, entry: TimelineEntry) -> None: ...

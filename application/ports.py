@@ -14,7 +14,7 @@ from typing import Protocol
 from uuid import UUID
 
 from application.incidents import Incident, Status, TimelineEntry
-from application.messages import Delivery, Message, Outcome
+from application.messages import Delivery
 
 # --- incidents --------------------------------------------------------------------------------------
 
@@ -119,17 +119,7 @@ class Broker(Protocol):
         ...
 
 
-# --- adapters: event lake, issue tracker, chat notifier (issue 6) ------------------------------------
-
-
-class OutcomeObserver(Protocol):
-    """Told about every finished delivery, once, after the dispatcher decided its outcome.
-
-    Called on the event loop's thread: it must return at once and never raise (the event lake only
-    appends to a bounded buffer; a slow or failing observer must not hold up message processing).
-    """
-
-    def __call__(self, message: Message, command_type: str, outcome: Outcome, duration_s: float) -> None: ...
+# --- adapters: issue tracker, chat notifier (issue 6; the event lake is a dispatcher Observer) ------------------------------------
 
 
 @dataclass(frozen=True)

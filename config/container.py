@@ -8,6 +8,7 @@ and ``shutdown_resources()`` closes what was started, in reverse order.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from dependency_injector import containers, providers
 
@@ -16,9 +17,12 @@ from application.dispatcher import Dispatcher, Observer, RetryPolicy, bind
 from application.factory import CommandFactory
 from application.handlers import HANDLERS
 from application.incidents import IncidentPolicy
-from application.ports import Broker, IncidentStore
+from application.ports import Broker, IncidentStore, IssueTracker, Notifier
 from common.logging import configure_logging
 from config.settings import Settings
+
+if TYPE_CHECKING:
+    from infra.clickhouse import EventLake
 
 # --- stores -----------------------------------------------------------------------------------------
 
@@ -45,6 +49,54 @@ async def memory_broker(settings: Settings) -> AsyncIterator[Broker]:
         yield broker
     finally:
         await broker.close()
+
+
+# --- adapters: event lake, GitHub issues, Slack (issue 6); each yields None unless enabled -----------
+
+
+async def open_event_lake(settings: Settings) -> AsyncIterator[EventLake | None]:
+    """Closed after the worker has drained, so the last outcomes are flushed to ClickHouse."""
+    if not settings.clickhouse_enabled:
+        yield None
+        return
+    from infra.clickhouse import from_settings
+
+    lake = from_settings(settings)
+    await lake.start()
+    try:
+        yield lake
+    finally:
+        await lake.close()
+
+
+async def open_issue_tracker(settings: Settings) -> AsyncIterator[IssueTracker | None]:
+    if not settings.github_enabled:
+        yield None
+        return
+    from infra.github import from_settings
+
+    tracker = from_settings(settings)
+    try:
+        yield tracker
+    finally:
+        await tracker.close()
+
+
+async def open_notifier(settings: Settings) -> AsyncIterator[Notifier | None]:
+    if not settings.slack_enabled:
+        yield None
+        return
+    from infra.slack import from_settings
+
+    slack = from_settings(settings)
+    try:
+        yield slack
+    finally:
+        await slack.close()
+
+
+def with_lake(observers: list[Observer], lake: EventLake | None) -> list[Observer]:
+    return [*observers, lake.record] if lake is not None else observers
 
 
 # --- the core ---------------------------------------------------------------------------------------
@@ -92,7 +144,15 @@ class Container(containers.DeclarativeContainer):
         severity_label=settings.provided.severity_label,
     )
     handlers = providers.Object(HANDLERS)
+    event_lake = providers.Resource(open_event_lake, settings)
+    issue_tracker = providers.Resource(open_issue_tracker, settings)
+    notifier = providers.Resource(open_notifier, settings)
     # The names handlers may ask for (see application.dispatcher.bind).
-    handler_dependencies = providers.Dict(store=store, policy=policy)
+    handler_dependencies = providers.Dict(
+        store=store, policy=policy, issue_tracker=issue_tracker, notifier=notifier
+    )
     observers = providers.List()
-    dispatcher = providers.Singleton(build_dispatcher, settings, handlers, handler_dependencies, observers)
+    outcome_observers = providers.Callable(with_lake, observers, event_lake)
+    dispatcher = providers.Singleton(
+        build_dispatcher, settings, handlers, handler_dependencies, outcome_observers
+    )

@@ -76,7 +76,7 @@ def create_table_sql(database: str, table: str) -> str:
 
 
 def _backoff(failures: int) -> float:
-    return min(_MAX_BACKOFF, _FIRST_BACKOFF * 2 ** (failures - 1))
+    return min(_MAX_BACKOFF, _FIRST_BACKOFF * 2.0 ** (failures - 1))
 
 
 def _name(identifier: str) -> str:

@@ -43,7 +43,7 @@ async def test_a_full_batch_is_written_with_the_outcome_of_each_message(
     lake.record(message(1, tenant="blue"), "incident.create", Outcome.ack(), 0.0125)
     lake.record(
         Message(body=b"{bad", attributes={}, message_id="m-2", attempt=3),
-        "(undecodable)",
+        "unknown",
         Outcome.dead_letter("body is not valid JSON", error="DecodeError"),
         0.001,
     )

@@ -14,5 +14,6 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
     $SUDO chmod +x /usr/sbin/policy-rc.d
     trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
 fi
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends clickhouse-server clickhouse-client >/dev/null
+install() { $SUDO apt-get install -y -qq --no-install-recommends clickhouse-server clickhouse-client >/dev/null; }
+# Update the package index only when the install cannot proceed without it (another script may have run it).
+install 2>/dev/null || { $SUDO apt-get update -qq && install; }

@@ -213,6 +213,6 @@ async def test_unreachable_or_slow_github_is_transient(
     """A refused connection and a request over github_timeout are retried later, not dead-lettered."""
     with pytest.raises(TransientError, match="Connect"):
         await make_tracker(github_api_url=f"http://127.0.0.1:{unused_port()}").open_issue(incident())
-    github.delay = 1.0
+    github.delay = 0.5
     with pytest.raises(TransientError, match="Timeout"):
-        await make_tracker(github_timeout=0.2).open_issue(incident())
+        await make_tracker(github_timeout=0.1).open_issue(incident())

@@ -178,6 +178,6 @@ async def test_unreachable_or_slow_slack_is_transient(
     refused = make_notifier(slack_routes=[], slack_default_webhook_url=f"http://127.0.0.1:{unused_port()}/x")
     with pytest.raises(TransientError, match="Connect"):
         await refused.notify(inc, inc.timeline[-1])
-    slack.delay = 1.0
+    slack.delay = 0.5
     with pytest.raises(TransientError, match="Timeout"):
-        await make_notifier(slack_timeout=0.2).notify(inc, inc.timeline[-1])
+        await make_notifier(slack_timeout=0.1).notify(inc, inc.timeline[-1])

@@ -29,7 +29,6 @@ def test_every_message_of_a_worker_run_is_in_the_lake_when_the_worker_exits(
         "INCIDENTD_CLICKHOUSE_PORT": str(clickhouse.tcp_port),
         "INCIDENTD_CLICKHOUSE_TABLE": table,
         "INCIDENTD_CLICKHOUSE_FLUSH_INTERVAL": "3600",
-        "INCIDENTD_LOG_LEVEL": "warning",
     }
     result = CliRunner().invoke(cli, ["worker", "--from", str(EXAMPLE)], env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output

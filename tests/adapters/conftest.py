@@ -127,26 +127,30 @@ def _post_json(url: str, document: dict[str, Any]) -> None:
         response.read()
 
 
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+@pytest.fixture(scope="session")
+def aws_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Dummy credentials, and nothing from the developer's own AWS configuration or metadata service."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):
-        monkeypatch.delenv(name, raising=False)
+    home = tmp_path_factory.mktemp("aws")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", REGION)
+        env.setenv("AWS_CONFIG_FILE", str(home / "config"))
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
+        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+            env.delenv(name, raising=False)
+        yield
 
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture
-async def aws(moto_url: str, aws_env: None) -> AsyncIterator[Any]:
-    """A plain aioboto3 session against moto, for arranging and checking state."""
+@pytest.fixture(scope="session")
+def aws(moto_url: str, aws_env: None) -> Any:
+    """Plain aioboto3 clients against moto, for arranging and checking state (one session: models are
+    loaded once)."""
     import aioboto3
 
     session = aioboto3.Session(region_name=REGION)
@@ -154,7 +158,7 @@ async def aws(moto_url: str, aws_env: None) -> AsyncIterator[Any]:
     def client(service: str) -> Any:
         return session.client(service, endpoint_url=moto_url)
 
-    yield client
+    return client
 
 
 @pytest.fixture

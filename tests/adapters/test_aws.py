@@ -237,5 +237,5 @@ def client_error(code: str, status: int) -> ClientError:
     ids=lambda value: getattr(value, "__name__", None) or type(value).__name__,
 )
 def test_errors_are_classified_by_type_and_code(error: Exception, expected: type[Exception]) -> None:
-    """Throttling, 5xx, timeouts and connection errors retry; denials, validation and not-found dead-letter."""
+    """Throttling, 5xx, timeouts and lost connections retry; denials, validation, not-found dead-letter."""
     assert type(classify(error, "call")) is expected

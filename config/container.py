@@ -16,7 +16,7 @@ from application.dispatcher import Dispatcher, Observer, RetryPolicy, bind
 from application.factory import CommandFactory
 from application.handlers import HANDLERS
 from application.incidents import IncidentPolicy
-from application.ports import Broker, IncidentStore
+from application.ports import Broker, Cloud, Cluster, IncidentStore
 from common.logging import configure_logging
 from config.settings import Settings
 
@@ -45,6 +45,47 @@ async def memory_broker(settings: Settings) -> AsyncIterator[Broker]:
         yield broker
     finally:
         await broker.close()
+
+
+# --- adapters: Kubernetes and AWS (created only when enabled; handlers get None otherwise) -----------
+
+
+async def kubernetes_cluster(settings: Settings) -> AsyncIterator[Cluster]:
+    from infra.kubernetes import connect
+
+    cluster = await connect(
+        host=settings.kubernetes_host,
+        kubeconfig=settings.kubernetes_kubeconfig,
+        context=settings.kubernetes_context,
+        call_timeout=settings.kubernetes_timeout,
+        dry_run=settings.dry_run,
+    )
+    try:
+        yield cluster
+    finally:
+        await cluster.close()
+
+
+async def aws_cloud(settings: Settings) -> AsyncIterator[Cloud]:
+    from infra.aws import AwsCloud
+
+    cloud = AwsCloud(
+        region=settings.aws_region,
+        endpoint_url=settings.aws_endpoint_url,
+        archive_bucket=settings.aws_archive_bucket,
+        metric_namespace=settings.aws_metric_namespace,
+        timeout=settings.aws_timeout,
+        max_attempts=settings.aws_max_attempts,
+        dry_run=settings.dry_run,
+    )
+    try:
+        yield cloud
+    finally:
+        await cloud.close()
+
+
+def _switch(enabled: bool) -> str:
+    return "enabled" if enabled else "disabled"
 
 
 # --- the core ---------------------------------------------------------------------------------------
@@ -91,8 +132,19 @@ class Container(containers.DeclarativeContainer):
         environment_labels=settings.provided.environment_labels,
         severity_label=settings.provided.severity_label,
     )
+    # Adapters (issue 6): a Resource only when enabled, else None.
+    cluster = providers.Selector(
+        providers.Callable(_switch, settings.provided.kubernetes_enabled),
+        enabled=providers.Resource(kubernetes_cluster, settings),
+        disabled=providers.Object(None),
+    )
+    cloud = providers.Selector(
+        providers.Callable(_switch, settings.provided.aws_enabled),
+        enabled=providers.Resource(aws_cloud, settings),
+        disabled=providers.Object(None),
+    )
     handlers = providers.Object(HANDLERS)
     # The names handlers may ask for (see application.dispatcher.bind).
-    handler_dependencies = providers.Dict(store=store, policy=policy)
+    handler_dependencies = providers.Dict(store=store, policy=policy, cluster=cluster, cloud=cloud)
     observers = providers.List()
     dispatcher = providers.Singleton(build_dispatcher, settings, handlers, handler_dependencies, observers)

@@ -68,7 +68,8 @@ async def connect(
             persist_config=False,
         )
     elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=configuration)
+        load_incluster: Callable[..., None] = config.load_incluster_config  # untyped in the library
+        load_incluster(client_configuration=configuration)
     else:
         await config.load_kube_config(
             context=context or None, client_configuration=configuration, persist_config=False
@@ -255,7 +256,8 @@ def _reason(exc: ApiException) -> str:
 
 def _retry_after(exc: ApiException) -> float | None:
     try:
-        value = float((exc.headers or {}).get("Retry-After", ""))
+        headers: Any = exc.headers or {}
+        value = float(headers.get("Retry-After", ""))
     except ValueError:
         return None
     return min(max(value, 0.0), _MAX_RETRY_AFTER)

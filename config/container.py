@@ -40,7 +40,9 @@ async def memory_broker(settings: Settings) -> AsyncIterator[Broker]:
     from infra.memory import MemoryBroker
     from infra.sqlite.dead_letters import SqliteDeadLetters
 
-    broker = MemoryBroker(await SqliteDeadLetters.open(settings.sqlite_path), prefetch=settings.concurrency * 2)
+    broker = MemoryBroker(
+        await SqliteDeadLetters.open(settings.sqlite_path), prefetch=settings.concurrency * 2
+    )
     try:
         yield broker
     finally:

@@ -17,7 +17,7 @@ from application.dispatcher import Dispatcher, Observer, RetryPolicy, bind
 from application.factory import CommandFactory
 from application.handlers import HANDLERS
 from application.incidents import IncidentPolicy
-from application.ports import Broker, IncidentStore, IssueTracker, Notifier
+from application.ports import Broker, Cloud, Cluster, IncidentStore, IssueTracker, Notifier
 from common.logging import configure_logging
 from config.settings import Settings
 
@@ -53,14 +53,52 @@ async def memory_broker(settings: Settings) -> AsyncIterator[Broker]:
         await broker.close()
 
 
-# --- adapters: event lake, GitHub issues, Slack (issue 6); each yields None unless enabled -----------
+# --- adapters: Kubernetes and AWS (created only when enabled; handlers get None otherwise) -----------
 
 
-async def open_event_lake(settings: Settings) -> AsyncIterator[EventLake | None]:
+async def kubernetes_cluster(settings: Settings) -> AsyncIterator[Cluster]:
+    from infra.kubernetes import connect
+
+    cluster = await connect(
+        host=settings.kubernetes_host,
+        kubeconfig=settings.kubernetes_kubeconfig,
+        context=settings.kubernetes_context,
+        call_timeout=settings.kubernetes_timeout,
+        dry_run=settings.dry_run,
+    )
+    try:
+        yield cluster
+    finally:
+        await cluster.close()
+
+
+async def aws_cloud(settings: Settings) -> AsyncIterator[Cloud]:
+    from infra.aws import AwsCloud
+
+    cloud = AwsCloud(
+        region=settings.aws_region,
+        endpoint_url=settings.aws_endpoint_url,
+        archive_bucket=settings.aws_archive_bucket,
+        metric_namespace=settings.aws_metric_namespace,
+        timeout=settings.aws_timeout,
+        max_attempts=settings.aws_max_attempts,
+        dry_run=settings.dry_run,
+    )
+    try:
+        yield cloud
+    finally:
+        await cloud.close()
+
+
+def _switch(enabled: bool) -> str:
+    return "enabled" if enabled else "disabled"
+
+
+# --- adapters: event lake, GitHub issues, Slack (created only when enabled) --------------------------
+
+
+async def clickhouse_event_lake(settings: Settings) -> AsyncIterator[EventLake]:
     """Closed after the worker has drained, so the last outcomes are flushed to ClickHouse."""
-    if not settings.clickhouse_enabled:
-        yield None
-        return
     from infra.clickhouse import from_settings
 
     lake = from_settings(settings)
@@ -71,10 +109,7 @@ async def open_event_lake(settings: Settings) -> AsyncIterator[EventLake | None]
         await lake.close()
 
 
-async def open_issue_tracker(settings: Settings) -> AsyncIterator[IssueTracker | None]:
-    if not settings.github_enabled:
-        yield None
-        return
+async def github_issues(settings: Settings) -> AsyncIterator[IssueTracker]:
     from infra.github import from_settings
 
     tracker = from_settings(settings)
@@ -84,10 +119,7 @@ async def open_issue_tracker(settings: Settings) -> AsyncIterator[IssueTracker |
         await tracker.close()
 
 
-async def open_notifier(settings: Settings) -> AsyncIterator[Notifier | None]:
-    if not settings.slack_enabled:
-        yield None
-        return
+async def slack_notifier(settings: Settings) -> AsyncIterator[Notifier]:
     from infra.slack import from_settings
 
     slack = from_settings(settings)
@@ -98,6 +130,7 @@ async def open_notifier(settings: Settings) -> AsyncIterator[Notifier | None]:
 
 
 def with_lake(observers: list[Observer], lake: EventLake | None) -> list[Observer]:
+    """The dispatcher's outcome observers, plus the event lake's ``record`` when it is enabled."""
     return [*observers, lake.record] if lake is not None else observers
 
 
@@ -145,13 +178,41 @@ class Container(containers.DeclarativeContainer):
         environment_labels=settings.provided.environment_labels,
         severity_label=settings.provided.severity_label,
     )
+    # Adapters (issue 6): a Resource only when enabled, else None.
+    cluster = providers.Selector(
+        providers.Callable(_switch, settings.provided.kubernetes_enabled),
+        enabled=providers.Resource(kubernetes_cluster, settings),
+        disabled=providers.Object(None),
+    )
+    cloud = providers.Selector(
+        providers.Callable(_switch, settings.provided.aws_enabled),
+        enabled=providers.Resource(aws_cloud, settings),
+        disabled=providers.Object(None),
+    )
+    event_lake = providers.Selector(
+        providers.Callable(_switch, settings.provided.clickhouse_enabled),
+        enabled=providers.Resource(clickhouse_event_lake, settings),
+        disabled=providers.Object(None),
+    )
+    issue_tracker = providers.Selector(
+        providers.Callable(_switch, settings.provided.github_enabled),
+        enabled=providers.Resource(github_issues, settings),
+        disabled=providers.Object(None),
+    )
+    notifier = providers.Selector(
+        providers.Callable(_switch, settings.provided.slack_enabled),
+        enabled=providers.Resource(slack_notifier, settings),
+        disabled=providers.Object(None),
+    )
     handlers = providers.Object(HANDLERS)
-    event_lake = providers.Resource(open_event_lake, settings)
-    issue_tracker = providers.Resource(open_issue_tracker, settings)
-    notifier = providers.Resource(open_notifier, settings)
     # The names handlers may ask for (see application.dispatcher.bind).
     handler_dependencies = providers.Dict(
-        store=store, policy=policy, issue_tracker=issue_tracker, notifier=notifier
+        store=store,
+        policy=policy,
+        cluster=cluster,
+        cloud=cloud,
+        issue_tracker=issue_tracker,
+        notifier=notifier,
     )
     observers = providers.List()
     outcome_observers = providers.Callable(with_lake, observers, event_lake)

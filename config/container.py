@@ -94,6 +94,13 @@ def _switch(enabled: bool) -> str:
     return "enabled" if enabled else "disabled"
 
 
+def when_enabled(flag: providers.Provider, resource: providers.Resource) -> providers.Selector:  # type: ignore[type-arg]
+    """``resource`` when the setting ``flag`` is true; else None, and nothing is created or imported."""
+    return providers.Selector(
+        providers.Callable(_switch, flag), enabled=resource, disabled=providers.Object(None)
+    )
+
+
 # --- adapters: event lake, GitHub issues, Slack (created only when enabled) --------------------------
 
 
@@ -179,31 +186,17 @@ class Container(containers.DeclarativeContainer):
         severity_label=settings.provided.severity_label,
     )
     # Adapters (issue 6): a Resource only when enabled, else None.
-    cluster = providers.Selector(
-        providers.Callable(_switch, settings.provided.kubernetes_enabled),
-        enabled=providers.Resource(kubernetes_cluster, settings),
-        disabled=providers.Object(None),
+    cluster = when_enabled(
+        settings.provided.kubernetes_enabled, providers.Resource(kubernetes_cluster, settings)
     )
-    cloud = providers.Selector(
-        providers.Callable(_switch, settings.provided.aws_enabled),
-        enabled=providers.Resource(aws_cloud, settings),
-        disabled=providers.Object(None),
+    cloud = when_enabled(settings.provided.aws_enabled, providers.Resource(aws_cloud, settings))
+    event_lake = when_enabled(
+        settings.provided.clickhouse_enabled, providers.Resource(clickhouse_event_lake, settings)
     )
-    event_lake = providers.Selector(
-        providers.Callable(_switch, settings.provided.clickhouse_enabled),
-        enabled=providers.Resource(clickhouse_event_lake, settings),
-        disabled=providers.Object(None),
+    issue_tracker = when_enabled(
+        settings.provided.github_enabled, providers.Resource(github_issues, settings)
     )
-    issue_tracker = providers.Selector(
-        providers.Callable(_switch, settings.provided.github_enabled),
-        enabled=providers.Resource(github_issues, settings),
-        disabled=providers.Object(None),
-    )
-    notifier = providers.Selector(
-        providers.Callable(_switch, settings.provided.slack_enabled),
-        enabled=providers.Resource(slack_notifier, settings),
-        disabled=providers.Object(None),
-    )
+    notifier = when_enabled(settings.provided.slack_enabled, providers.Resource(slack_notifier, settings))
     handlers = providers.Object(HANDLERS)
     # The names handlers may ask for (see application.dispatcher.bind).
     handler_dependencies = providers.Dict(

@@ -82,7 +82,8 @@ async def _worker(settings: Settings, from_file: Path | None) -> None:
         broker: Broker = await container.broker()
         counts: collections.Counter[str] = collections.Counter()
         container.observers.add_args(_counter(counts))
-        dispatcher: Dispatcher = await container.dispatcher()
+        # A Future, not the object: the dispatcher's dependencies are async Resources.
+        dispatcher: Dispatcher = await container.dispatcher()  # type: ignore[misc]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

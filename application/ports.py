@@ -136,9 +136,14 @@ class DeadLetterQueue(Protocol):
 class Broker(Protocol):
     """What the container provides for the configured broker (memory, rabbitmq or pubsub)."""
 
-    subscriber: Subscriber
-    publisher: Publisher
-    dead_letters: DeadLetterQueue
+    @property
+    def subscriber(self) -> Subscriber: ...
+
+    @property
+    def publisher(self) -> Publisher: ...
+
+    @property
+    def dead_letters(self) -> DeadLetterQueue: ...
 
     async def setup(self) -> None:
         """Declare / create the broker's topology; idempotent."""

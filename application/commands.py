@@ -194,7 +194,7 @@ class CreateIncident(Command):
     at: datetime = Field(default_factory=_now)
 
 
-class _IncidentRef(Command):
+class IncidentRef(Command):
     """Names an incident by id, or by dedup key (the open incident with that key)."""
 
     incident_id: UUID | None = None
@@ -203,22 +203,22 @@ class _IncidentRef(Command):
     at: datetime = Field(default_factory=_now)
 
     @model_validator(mode="after")
-    def _needs_a_reference(self) -> _IncidentRef:
+    def _needs_a_reference(self) -> IncidentRef:
         if self.incident_id is None and not self.dedup_key:
             raise ValueError("one of incident_id or dedup_key is required")
         return self
 
 
-class AcknowledgeIncident(_IncidentRef):
+class AcknowledgeIncident(IncidentRef):
     TYPE = "incident.acknowledge"
     note: str = ""
 
 
-class ResolveIncident(_IncidentRef):
+class ResolveIncident(IncidentRef):
     TYPE = "incident.resolve"
     note: str = ""
 
 
-class AddNote(_IncidentRef):
+class AddNote(IncidentRef):
     TYPE = "incident.note"
     note: str = Field(min_length=1)

@@ -38,3 +38,8 @@ class TransientError(IncidentdError):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class BrokerOperationError(IncidentdError):
+    """An operator's request (setup, publish, dead-letter replay or purge) that the broker refused or
+    cannot do; the CLI prints the message and exits non-zero."""

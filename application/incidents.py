@@ -84,7 +84,9 @@ class Incident(BaseModel):
     def add_note(self, *, note: str, at: datetime, actor: str, message_id: str) -> None:
         self._record(at, "note", actor, message_id, note)
 
-    def record_action(self, *, action: str, at: datetime, actor: str, message_id: str, note: str = "") -> None:
+    def record_action(
+        self, *, action: str, at: datetime, actor: str, message_id: str, note: str = ""
+    ) -> None:
         self._record(at, "action", actor, message_id, f"{action}: {note}" if note else action)
 
     def resolve(self, *, at: datetime, actor: str, message_id: str, note: str = "") -> None:
@@ -98,3 +100,33 @@ class Incident(BaseModel):
         self.timeline.append(
             TimelineEntry(at=at, kind=kind, actor=actor, note=note, status=self.status, message_id=message_id)
         )
+
+
+class IncidentPolicy(BaseModel):
+    """How events map onto incidents; built from settings by the container."""
+
+    model_config = ConfigDict(frozen=True)
+
+    service_labels: tuple[str, ...] = ("service", "job")
+    environment_labels: tuple[str, ...] = ("environment", "env")
+    severity_label: str = "severity"
+
+    def pick(self, labels: dict[str, str], names: tuple[str, ...]) -> str:
+        return next((labels[n] for n in names if labels.get(n)), "")
+
+    def severity(self, labels: dict[str, str]) -> SeverityName:
+        return normalise_severity(labels.get(self.severity_label, ""))
+
+
+_SEVERITY_WORDS: dict[str, SeverityName] = {
+    "critical": "critical", "crit": "critical", "page": "critical", "p1": "critical", "fatal": "critical",
+    "high": "high", "error": "high", "major": "high", "p2": "high",
+    "medium": "medium", "warning": "medium", "warn": "medium", "p3": "medium", "moderate": "medium",
+    "low": "low", "minor": "low", "p4": "low",
+    "info": "info", "informational": "info", "none": "info", "p5": "info",
+}  # fmt: skip
+
+
+def normalise_severity(word: str, default: SeverityName = "medium") -> SeverityName:
+    """Map the many spellings sources use (Alertmanager labels, OEC P1-P5, ASFF labels) to ours."""
+    return _SEVERITY_WORDS.get(word.strip().lower(), default)

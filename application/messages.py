@@ -21,6 +21,7 @@ ATTEMPT_ATTR = "x-incidentd-attempt"
 FIRST_SEEN_ATTR = "x-incidentd-first-seen"
 REASON_ATTR = "x-incidentd-reason"
 ERROR_ATTR = "x-incidentd-error"
+REPLAYED_AT_ATTR = "x-incidentd-replayed-at"
 
 
 @dataclass(frozen=True, slots=True)

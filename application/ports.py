@@ -14,7 +14,7 @@ from typing import Protocol
 from uuid import UUID
 
 from application.incidents import Incident, Status
-from application.messages import Delivery
+from application.messages import Delivery, Message
 
 # --- incidents --------------------------------------------------------------------------------------
 
@@ -103,8 +103,34 @@ class DeadLetter:
     extra: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class ReplayReport:
+    """What ``dlq replay`` did (or, with ``dry_run``, would do)."""
+
+    replayed: list[str] = field(default_factory=list)  # message ids published back to the main destination
+    invalid: dict[str, str] = field(default_factory=dict)  # message id -> why it stays dead-lettered
+
+
 class DeadLetterQueue(Protocol):
-    async def list(self, *, limit: int | None = None) -> list[DeadLetter]: ...
+    async def list(self, *, limit: int | None = None) -> list[DeadLetter]:
+        """Oldest first; reading does not remove anything."""
+        ...
+
+    async def replay(
+        self, *, validate: Callable[[Message], object], limit: int | None = None, dry_run: bool = False
+    ) -> ReplayReport:
+        """Move dead letters back to the main destination, oldest first.
+
+        ``validate`` (the factory's decode) raises for a message that would fail again; such a message
+        stays dead-lettered and is reported. Each replayed copy carries provenance attributes
+        (``x-incidentd-replayed-at``, the original reason) and starts again at attempt 1; it is published
+        and confirmed before it is removed from the dead-letter destination.
+        """
+        ...
+
+    async def purge(self, *, limit: int | None = None, dry_run: bool = False) -> int:
+        """Delete dead letters, oldest first; return how many (would be) deleted."""
+        ...
 
 
 class Broker(Protocol):

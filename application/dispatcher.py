@@ -1,0 +1,249 @@
+"""Runs a delivery's handlers and decides its one outcome.
+
+This module is the only place where an outcome is decided and settled:
+
+* decode error or :class:`PermanentError`  -> DEAD_LETTER at once;
+* :class:`TransientError` (and any unexpected exception, and a timeout) -> retried in-process with
+  exponential backoff and jitter (tenacity), then RETRY with the redelivery delay of the backoff schedule,
+  or DEAD_LETTER once the delivery attempt reaches ``max_attempts``;
+* cancellation (shutdown deadline) -> RETRY with no delay, settled under ``asyncio.shield``;
+* otherwise ACK.
+
+Concurrency is bounded by a semaphore; deliveries waiting for a slot when draining starts are handed
+back at once (RETRY, no delay) so that another worker can take them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from application.commands import Command
+from application.errors import DecodeError, PermanentError, TransientError
+from application.factory import CommandFactory
+from application.messages import Delivery, Disposition, Message, Outcome
+
+log = structlog.get_logger("incidentd.dispatcher")
+
+Handler = Callable[..., Awaitable[None]]
+BoundHandler = Callable[[Command, "Context"], Awaitable[None]]
+# Called after every settled delivery (metrics, event lake). Must be cheap and must not raise.
+Observer = Callable[[Message, str, Outcome, float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a handler may know about the message that carried its command."""
+
+    message_id: str
+    idempotency_key: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    backoff: Sequence[float] = (1.0, 5.0, 30.0, 120.0, 600.0)
+    in_process_attempts: int = 3
+    in_process_initial: float = 0.05
+    in_process_max: float = 1.0
+
+    def redelivery_delay(self, attempt: int) -> float:
+        return self.backoff[min(attempt, len(self.backoff)) - 1]
+
+
+def bind(
+    handlers: Mapping[type[Command], Sequence[Handler]], dependencies: Mapping[str, Any]
+) -> dict[type[Command], tuple[BoundHandler, ...]]:
+    """Give each handler the dependencies its signature names, once, at start-up.
+
+    A handler is ``async def handle(command, context, <dependency names...>)``. A name with no
+    dependency is an error at start-up, not at the first message.
+    """
+
+    def bind_one(handler: Handler) -> BoundHandler:
+        names = list(inspect.signature(handler).parameters)[2:]
+        missing = [n for n in names if n not in dependencies]
+        if missing:
+            raise LookupError(f"{handler.__qualname__} needs {missing}, which nothing provides")
+        return partial(handler, **{n: dependencies[n] for n in names})
+
+    return {command: tuple(bind_one(h) for h in hs) for command, hs in handlers.items()}
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        factory: CommandFactory,
+        handlers: Mapping[type[Command], Sequence[BoundHandler]],
+        *,
+        concurrency: int,
+        timeout: float,
+        timeouts: Mapping[str, float] | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+        observers: Iterable[Observer] = (),
+    ) -> None:
+        self._factory = factory
+        self._handlers = handlers
+        self._timeout = timeout
+        self._timeouts = dict(timeouts or {})
+        self._retry = retry
+        self._observers = tuple(observers)
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: set[asyncio.Task[Any]] = set()
+        self._draining = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    def submit(self, delivery: Delivery) -> None:
+        """Take a delivery from a subscriber; its outcome is settled by a task of its own."""
+        task = asyncio.get_running_loop().create_task(self._process(delivery))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout: float) -> int:
+        """Stop starting handlers; wait up to ``timeout`` for running ones; cancel (and RETRY) the rest.
+
+        Returns how many deliveries had to be cancelled. Every delivery is settled when this returns.
+        """
+        self._draining = True
+        for task in list(self._waiting):
+            task.cancel()
+        pending: set[asyncio.Task[None]] = set()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        return len(pending)
+
+    async def _process(self, delivery: Delivery) -> None:
+        message = delivery.message
+        started = time.perf_counter()
+        structlog.contextvars.bind_contextvars(message_id=message.message_id, attempt=message.attempt)
+        command_type = "unknown"
+        try:
+            command = self._factory.decode(message)
+            command_type = command.TYPE
+            structlog.contextvars.bind_contextvars(command_type=command_type)
+            outcome = await self._run(command, message)
+        except DecodeError as exc:
+            outcome = Outcome.dead_letter(f"undecodable message: {exc}", error="DecodeError")
+        except asyncio.CancelledError:
+            outcome = Outcome.retry(0.0, "cancelled at shutdown before the handler finished")
+            await self._finish(delivery, outcome, command_type, started)
+            raise
+        await self._finish(delivery, outcome, command_type, started)
+
+    async def _run(self, command: Command, message: Message) -> Outcome:
+        if self._draining:
+            return Outcome.retry(0.0, "worker is shutting down; not started")
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting.add(task)
+        try:
+            await self._slots.acquire()
+        except asyncio.CancelledError:
+            if not self._draining:
+                raise
+            task.uncancel()
+            return Outcome.retry(0.0, "worker is shutting down; not started")
+        finally:
+            self._waiting.discard(task)
+        try:
+            context = Context(message.message_id, message.idempotency_key, message.attempt)
+            timeout = self._timeouts.get(command.TYPE, self._timeout)
+            return await self._attempt(command, context, timeout)
+        finally:
+            self._slots.release()
+
+    async def _attempt(self, command: Command, context: Context, timeout: float) -> Outcome:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._call_handlers(command, context)
+        except PermanentError as exc:
+            return Outcome.dead_letter(f"permanent error: {exc}", error=type(exc).__name__)
+        except TimeoutError:
+            return self._transient(context.attempt, f"timed out after {timeout:g}s", "TimeoutError", None)
+        except TransientError as exc:
+            return self._transient(context.attempt, str(exc), type(exc).__name__, exc.retry_after)
+        except Exception as exc:  # unexpected: never lose the message; bounded by max_attempts
+            log.exception("handler.unexpected_error")
+            return self._transient(context.attempt, f"{type(exc).__name__}: {exc}", type(exc).__name__, None)
+        return Outcome.ack()
+
+    async def _call_handlers(self, command: Command, context: Context) -> None:
+        handlers = self._handlers[type(command)]
+        try:
+            for handler in handlers:
+                await handler(command, context)
+        except TransientError:
+            # The happy path above pays nothing for tenacity; only a transient failure enters it.
+            if self._retry.in_process_attempts <= 1:
+                raise
+            retrying = AsyncRetrying(
+                stop=stop_after_attempt(self._retry.in_process_attempts - 1),
+                wait=wait_exponential_jitter(
+                    multiplier=self._retry.in_process_initial,
+                    max=self._retry.in_process_max,
+                    jitter=self._retry.in_process_initial,
+                ),
+                retry=retry_if_exception_type(TransientError),
+                reraise=True,
+            )
+            async for attempt in retrying:
+                with attempt:
+                    for handler in handlers:
+                        await handler(command, context)
+
+    def _transient(self, attempt: int, error: str, error_type: str, retry_after: float | None) -> Outcome:
+        if attempt >= self._retry.max_attempts:
+            return Outcome.dead_letter(f"gave up after {attempt} attempts: {error}", error=error_type)
+        delay = max(self._retry.redelivery_delay(attempt), retry_after or 0.0)
+        return Outcome.retry(delay, error, error=error_type)
+
+    async def _finish(self, delivery: Delivery, outcome: Outcome, command_type: str, started: float) -> None:
+        """Settle, and never abandon a settle half-way: a cancellation waits for the broker's answer."""
+        settling = asyncio.ensure_future(self._settle(delivery, outcome, command_type, started))
+        try:
+            await asyncio.shield(settling)
+        except asyncio.CancelledError:
+            await settling
+            raise
+
+    async def _settle(self, delivery: Delivery, outcome: Outcome, command_type: str, started: float) -> None:
+        try:
+            await delivery.settle(outcome)
+        except Exception:
+            # The broker did not take the outcome (e.g. the connection dropped). The delivery was not
+            # acked, so the broker redelivers it: nothing is lost, and the store's idempotency record
+            # makes the second run harmless.
+            log.exception("message.settle_failed", outcome=outcome.disposition.value)
+            return
+        duration = time.perf_counter() - started
+        _log_outcome(outcome, round(duration * 1000, 3))
+        for observer in self._observers:
+            observer(delivery.message, command_type, outcome, duration)
+
+
+def _log_outcome(outcome: Outcome, duration_ms: float) -> None:
+    if outcome.disposition is Disposition.ACK:
+        log.info("message.acked", duration_ms=duration_ms)
+    elif outcome.disposition is Disposition.RETRY:
+        log.warning("message.retry", duration_ms=duration_ms, delay=outcome.delay, reason=outcome.reason)
+    else:
+        log.error(
+            "message.dead_lettered", duration_ms=duration_ms, reason=outcome.reason, error=outcome.error
+        )

@@ -1,0 +1,1 @@
+"""The embedded SQLite store (aiosqlite): incidents and, for the memory broker, dead letters."""

@@ -8,6 +8,7 @@ and ``shutdown_resources()`` closes what was started, in reverse order.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from dependency_injector import containers, providers
 
@@ -19,6 +20,9 @@ from application.incidents import IncidentPolicy
 from application.ports import Broker, IncidentStore
 from common.logging import configure_logging
 from config.settings import Settings
+
+if TYPE_CHECKING:
+    from infra.metrics import Metrics
 
 # --- stores -----------------------------------------------------------------------------------------
 
@@ -45,6 +49,15 @@ async def memory_broker(settings: Settings) -> AsyncIterator[Broker]:
         yield broker
     finally:
         await broker.close()
+
+
+# --- ops: metrics (the ops server itself is started by `app.py worker`) ---------------------------
+
+
+def build_metrics(handlers: dict[type[Command], list]) -> Metrics:  # type: ignore[type-arg]
+    from infra.metrics import Metrics
+
+    return Metrics(command_types=CommandFactory(handlers).types)
 
 
 # --- the core ---------------------------------------------------------------------------------------
@@ -94,5 +107,6 @@ class Container(containers.DeclarativeContainer):
     handlers = providers.Object(HANDLERS)
     # The names handlers may ask for (see application.dispatcher.bind).
     handler_dependencies = providers.Dict(store=store, policy=policy)
-    observers = providers.List()
+    metrics = providers.Singleton(build_metrics, handlers)
+    observers = providers.List(metrics.provided.observe)
     dispatcher = providers.Singleton(build_dispatcher, settings, handlers, handler_dependencies, observers)

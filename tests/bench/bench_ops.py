@@ -21,9 +21,10 @@ from tempfile import TemporaryDirectory
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from prometheus_client import generate_latest  # noqa: E402
+
 from application.messages import Message, Outcome  # noqa: E402
 from infra.metrics import Metrics  # noqa: E402
-from prometheus_client import generate_latest  # noqa: E402
 
 
 def observer_cost() -> None:
@@ -44,6 +45,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def ping(url: str) -> None:
+    urllib.request.urlopen(url, timeout=1).close()
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -55,16 +60,22 @@ async def worker_rss(ops_enabled: bool) -> tuple[int, float]:
     """RSS of an idle `app.py worker` (embedded broker) and its SIGTERM-to-exit time."""
     port = free_port()
     with TemporaryDirectory() as tmp:
-        env = {**os.environ, "INCIDENTD_OPS_ENABLED": str(ops_enabled).lower(), "INCIDENTD_OPS_PORT": str(port),
-               "INCIDENTD_OPS_HOST": "127.0.0.1", "INCIDENTD_SQLITE_PATH": f"{tmp}/db.sqlite"}  # fmt: skip
-        proc = await asyncio.create_subprocess_exec(sys.executable, "app.py", "worker", cwd=ROOT, env=env,
-                                                    stderr=asyncio.subprocess.DEVNULL)  # fmt: skip
+        env = {
+            **os.environ,
+            "INCIDENTD_OPS_ENABLED": str(ops_enabled).lower(),
+            "INCIDENTD_OPS_PORT": str(port),
+            "INCIDENTD_OPS_HOST": "127.0.0.1",
+            "INCIDENTD_SQLITE_PATH": f"{tmp}/db.sqlite",
+        }
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "app.py", "worker", cwd=ROOT, env=env, stderr=asyncio.subprocess.DEVNULL
+        )
         try:
             for _ in range(100):
                 await asyncio.sleep(0.1)
                 if ops_enabled:
                     try:
-                        urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).close()
+                        await asyncio.to_thread(ping, f"http://127.0.0.1:{port}/readyz")
                         break
                     except OSError:
                         continue

@@ -17,7 +17,7 @@ from application.dispatcher import Dispatcher, Observer, RetryPolicy, bind
 from application.factory import CommandFactory
 from application.handlers import HANDLERS
 from application.incidents import IncidentPolicy
-from application.ports import Broker, IncidentStore
+from application.ports import Broker, Cloud, Cluster, IncidentStore
 from common.logging import configure_logging
 from config.settings import Settings
 
@@ -44,12 +44,54 @@ async def memory_broker(settings: Settings) -> AsyncIterator[Broker]:
     from infra.memory import MemoryBroker
     from infra.sqlite.dead_letters import SqliteDeadLetters
 
-    broker = MemoryBroker(await SqliteDeadLetters.open(settings.sqlite_path), prefetch=settings.concurrency * 2)
+    broker = MemoryBroker(
+        await SqliteDeadLetters.open(settings.sqlite_path), prefetch=settings.concurrency * 2
+    )
     try:
         yield broker
     finally:
         await broker.close()
 
+
+# --- adapters: Kubernetes and AWS (created only when enabled; handlers get None otherwise) -----------
+
+
+async def kubernetes_cluster(settings: Settings) -> AsyncIterator[Cluster]:
+    from infra.kubernetes import connect
+
+    cluster = await connect(
+        host=settings.kubernetes_host,
+        kubeconfig=settings.kubernetes_kubeconfig,
+        context=settings.kubernetes_context,
+        call_timeout=settings.kubernetes_timeout,
+        dry_run=settings.dry_run,
+    )
+    try:
+        yield cluster
+    finally:
+        await cluster.close()
+
+
+async def aws_cloud(settings: Settings) -> AsyncIterator[Cloud]:
+    from infra.aws import AwsCloud
+
+    cloud = AwsCloud(
+        region=settings.aws_region,
+        endpoint_url=settings.aws_endpoint_url,
+        archive_bucket=settings.aws_archive_bucket,
+        metric_namespace=settings.aws_metric_namespace,
+        timeout=settings.aws_timeout,
+        max_attempts=settings.aws_max_attempts,
+        dry_run=settings.dry_run,
+    )
+    try:
+        yield cloud
+    finally:
+        await cloud.close()
+
+
+def _switch(enabled: bool) -> str:
+    return "enabled" if enabled else "disabled"
 
 # --- ops: metrics (the ops server itself is started by `app.py worker`) ---------------------------
 
@@ -104,9 +146,20 @@ class Container(containers.DeclarativeContainer):
         environment_labels=settings.provided.environment_labels,
         severity_label=settings.provided.severity_label,
     )
+    # Adapters (issue 6): a Resource only when enabled, else None.
+    cluster = providers.Selector(
+        providers.Callable(_switch, settings.provided.kubernetes_enabled),
+        enabled=providers.Resource(kubernetes_cluster, settings),
+        disabled=providers.Object(None),
+    )
+    cloud = providers.Selector(
+        providers.Callable(_switch, settings.provided.aws_enabled),
+        enabled=providers.Resource(aws_cloud, settings),
+        disabled=providers.Object(None),
+    )
     handlers = providers.Object(HANDLERS)
     # The names handlers may ask for (see application.dispatcher.bind).
-    handler_dependencies = providers.Dict(store=store, policy=policy)
+    handler_dependencies = providers.Dict(store=store, policy=policy, cluster=cluster, cloud=cloud)
     metrics = providers.Singleton(build_metrics, handlers)
     observers = providers.List(metrics.provided.observe)
     dispatcher = providers.Singleton(build_dispatcher, settings, handlers, handler_dependencies, observers)

@@ -45,6 +45,25 @@ class Settings(BaseSettings):
     environment_labels: list[str] = Field(default_factory=lambda: ["environment", "env"])
     severity_label: str = "severity"
 
+    # --- adapters: Kubernetes and AWS (docs/adapters.md) ----------------------------------------------
+    # Actions that change systems (rollout restart, scale, EC2 reboot, Lambda invoke) only log and
+    # report what they would do while this is on. Reads, the S3 archive and metrics are unaffected.
+    dry_run: bool = False
+    kubernetes_enabled: bool = False
+    # Credentials: kubernetes_host (no auth; tests and `kubectl proxy`) > kubernetes_kubeconfig >
+    # the pod's service account > ~/.kube/config.
+    kubernetes_host: str = ""
+    kubernetes_kubeconfig: Path | None = None
+    kubernetes_context: str = ""
+    kubernetes_timeout: float = Field(default=10.0, gt=0)  # seconds, per API call
+    aws_enabled: bool = False
+    aws_region: str = ""  # empty: the usual AWS chain (AWS_REGION, profile, instance metadata)
+    aws_endpoint_url: str = ""  # tests and S3-compatible stores only; empty: AWS's endpoints
+    aws_archive_bucket: str = ""  # empty: archiving fails permanently
+    aws_metric_namespace: str = "incidentd"
+    aws_timeout: float = Field(default=10.0, gt=0)  # seconds, per call including botocore's retries
+    aws_max_attempts: int = Field(default=2, ge=1, le=10)  # botocore's own attempts per call
+
     # --- ops server (probes and metrics; see docs/operations.md) -------------------------------------
     ops_enabled: bool = True
     # 0.0.0.0 so the kubelet and Prometheus reach the pod IP; bind 127.0.0.1 when running outside a pod.

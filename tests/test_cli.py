@@ -23,16 +23,23 @@ def env(tmp_path):
 
 
 def run(env, *args, input=None, timeout=60):
-    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, input=input, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=timeout,
+    )
 
 
 def garbage_lines() -> list[str]:
     """The example file's lines that can never become a command."""
+    from app import _read_jsonl
     from application.errors import DecodeError
     from application.factory import CommandFactory
     from application.handlers import HANDLERS
-    from app import _read_jsonl
     from application.messages import Message
 
     factory = CommandFactory(HANDLERS)
@@ -71,7 +78,9 @@ def test_stderr_is_json_lines_with_one_outcome_line_per_message(env):
     """Logs are JSON objects, one per line; every message has exactly one outcome line."""
     result = run(env, "worker", "--from", str(EXAMPLE))
     events = [json.loads(line) for line in result.stderr.splitlines()]
-    outcomes = [e for e in events if e["event"] in ("message.acked", "message.dead_lettered", "message.retry")]
+    outcomes = [
+        e for e in events if e["event"] in ("message.acked", "message.dead_lettered", "message.retry")
+    ]
     published = sum(1 for line in EXAMPLE.read_text().splitlines() if line.strip())
     assert len({e["message_id"] for e in outcomes if e["event"] != "message.retry"}) == published
     assert all("duration_ms" in e and "attempt" in e for e in outcomes)
@@ -102,8 +111,14 @@ def test_bad_setting_stops_with_one_line_naming_it(env):
 
 def test_sigterm_stops_an_idle_worker_cleanly(env):
     """SIGTERM makes the worker drain and exit 0, logging its drain time."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "worker"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "worker"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 20
         line = ""
@@ -126,7 +141,18 @@ def test_publish_on_the_embedded_broker_explains_what_to_do(env):
 
 def test_every_command_has_help(env):
     """`--help` works on every command and group."""
-    for args in ([], ["worker"], ["publish"], ["incidents"], ["incidents", "list"], ["dlq"], ["dlq", "list"],
-                 ["dlq", "replay"], ["dlq", "purge"], ["dlq", "show"], ["setup"]):  # fmt: skip
+    for args in (
+        [],
+        ["worker"],
+        ["publish"],
+        ["incidents"],
+        ["incidents", "list"],
+        ["dlq"],
+        ["dlq", "list"],
+        ["dlq", "replay"],
+        ["dlq", "purge"],
+        ["dlq", "show"],
+        ["setup"],
+    ):
         result = run(env, *args, "--help")
         assert result.returncode == 0 and "Usage:" in result.stdout, args

@@ -11,7 +11,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_add_a_command_example_handles_its_new_command():
     """The README's 'add a command' example registers a new command and its handler changes an incident."""
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "add_a_command.py")],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "add_a_command.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "note       maintenance  maintenance 22:00-23:00 UTC: database failover drill" in result.stdout

@@ -40,10 +40,20 @@ def delivery(n: int = 0, attempt: int = 1, body: bytes | None = None) -> FakeDel
 
 
 def dispatcher(handler, *, concurrency=4, timeout=5.0, observers=(), **retry) -> Dispatcher:
-    policy = RetryPolicy(**({"max_attempts": 3, "backoff": (1.0, 5.0), "in_process_initial": 0.001,
-                             "in_process_max": 0.002} | retry))  # fmt: skip
-    return Dispatcher(CommandFactory([Ping]), bind({Ping: [handler]}, {}), concurrency=concurrency,
-                      timeout=timeout, retry=policy, observers=observers)  # fmt: skip
+    policy = RetryPolicy(
+        **(
+            {"max_attempts": 3, "backoff": (1.0, 5.0), "in_process_initial": 0.001, "in_process_max": 0.002}
+            | retry
+        )
+    )
+    return Dispatcher(
+        CommandFactory([Ping]),
+        bind({Ping: [handler]}, {}),
+        concurrency=concurrency,
+        timeout=timeout,
+        retry=policy,
+        observers=observers,
+    )
 
 
 async def outcome_of(d: Dispatcher, item: FakeDelivery) -> Outcome:
@@ -100,7 +110,9 @@ async def test_transient_error_retries_in_process_then_succeeds():
         if len(calls) < 3:
             raise TransientError("connection reset")
 
-    assert (await outcome_of(dispatcher(handler, in_process_attempts=3), delivery())).disposition is Disposition.ACK
+    assert (
+        await outcome_of(dispatcher(handler, in_process_attempts=3), delivery())
+    ).disposition is Disposition.ACK
     assert len(calls) == 3
 
 
@@ -134,7 +146,9 @@ async def test_transient_error_dead_letters_once_attempts_are_exhausted():
     async def handler(cmd: Ping, ctx: Context) -> None:
         raise TransientError("still down")
 
-    outcome = await outcome_of(dispatcher(handler, max_attempts=3, in_process_attempts=1), delivery(attempt=3))
+    outcome = await outcome_of(
+        dispatcher(handler, max_attempts=3, in_process_attempts=1), delivery(attempt=3)
+    )
     assert outcome.disposition is Disposition.DEAD_LETTER
     assert outcome.reason == "gave up after 3 attempts: still down"
 

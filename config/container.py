@@ -93,6 +93,7 @@ async def aws_cloud(settings: Settings) -> AsyncIterator[Cloud]:
 def _switch(enabled: bool) -> str:
     return "enabled" if enabled else "disabled"
 
+
 # --- ops: metrics (the ops server itself is started by `app.py worker`) ---------------------------
 
 

@@ -222,11 +222,14 @@ def test_autoscaler(rendered: tuple[Doc, ...], overlay: str) -> None:
 
 
 def test_rbac_is_least_privilege(rendered: tuple[Doc, ...]) -> None:
-    """The worker may read Deployments and Namespaces and patch Deployments and their scale, no more."""
+    """The worker may read Deployments and Namespaces and patch Deployments and their scale, no more.
+
+    Exactly what the Kubernetes adapter uses (docs/adapters.md#rbac): get/list, rollout restart, scale.
+    """
     allowed = {
-        ("", "namespaces"): {"get", "list", "watch"},
-        ("apps", "deployments"): {"get", "list", "watch", "patch"},
-        ("apps", "deployments/scale"): {"get", "patch"},
+        ("", "namespaces"): {"get", "list"},
+        ("apps", "deployments"): {"get", "list", "patch"},
+        ("apps", "deployments/scale"): {"patch"},
     }
     granted: dict[tuple[str, str], set[str]] = {}
     for role in only(rendered, "ClusterRole") + only(rendered, "Role"):

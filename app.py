@@ -11,7 +11,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -25,6 +25,9 @@ from application.ports import Broker, DeadLetterQueue
 from application.worker import run_worker
 from config.container import Container
 from config.settings import Settings, SettingsError, load
+
+if TYPE_CHECKING:
+    from infra.ops import OpsServer
 
 T = TypeVar("T")
 
@@ -95,10 +98,43 @@ async def _worker(settings: Settings, from_file: Path | None) -> None:
                 await broker.publisher.publish(body, attributes)
             waiter = asyncio.create_task(broker.wait_idle())  # type: ignore[attr-defined]
             waiter.add_done_callback(lambda _: stop.set())
-        await run_worker(broker.subscriber, dispatcher, stop=stop, shutdown_timeout=settings.shutdown_timeout)
+        ops = await _start_ops(settings, container, broker, dispatcher) if from_file is None else None
+        report = await run_worker(
+            broker.subscriber,
+            dispatcher,
+            stop=stop,
+            shutdown_timeout=settings.shutdown_timeout,
+            on_stopping=[ops.mark_stopping] if ops else [],
+        )
+        if ops is not None:
+            container.metrics().drained(report.seconds)
+            await ops.stop()
         if from_file is not None:
             store = await container.store()
             click.echo(_summary(counts, await store.list()))
+
+
+async def _start_ops(
+    settings: Settings, container: Container, broker: Broker, dispatcher: Dispatcher
+) -> OpsServer | None:
+    """The ops server (/healthz, /readyz, /metrics) of a long-running worker; docs/operations.md."""
+    if not settings.ops_enabled:
+        return None
+    from infra.ops import OpsServer
+
+    metrics = container.metrics()
+    metrics.track_in_flight(lambda: dispatcher.in_flight)
+    store = await container.store()
+    server = OpsServer(
+        metrics.registry,
+        host=settings.ops_host,
+        port=settings.ops_port,
+        checks={"broker": lambda: broker.subscriber.connected, "store": store.ping},
+        loop_lag_threshold=settings.ops_loop_lag_threshold,
+        on_lag=metrics.loop_lag.set,
+    )
+    await server.start()
+    return server
 
 
 def _counter(counts: collections.Counter[str]) -> Any:

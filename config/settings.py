@@ -150,6 +150,14 @@ class Settings(BaseSettings):
             raise ValueError("github_token or github_token_file is required when github_enabled is true")
         return value
 
+    # --- ops server (probes and metrics; see docs/operations.md) -------------------------------------
+    ops_enabled: bool = True
+    # 0.0.0.0 so the kubelet and Prometheus reach the pod IP; bind 127.0.0.1 when running outside a pod.
+    ops_host: str = "0.0.0.0"
+    ops_port: int = Field(default=8080, ge=0, le=65535)
+    # /healthz fails once the event loop runs its watchdog timer this many seconds late (a blocked loop).
+    ops_loop_lag_threshold: float = Field(default=10.0, gt=0)
+
     @field_validator("retry_backoff")
     @classmethod
     def _non_negative(cls, value: list[float]) -> list[float]:

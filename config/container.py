@@ -22,11 +22,8 @@ from common.logging import configure_logging
 from config.settings import Settings
 
 if TYPE_CHECKING:
-<<<<<<< HEAD
     from infra.clickhouse import EventLake
-=======
     from infra.metrics import Metrics
->>>>>>> ops
 
 # --- stores -----------------------------------------------------------------------------------------
 
@@ -98,7 +95,6 @@ def _switch(enabled: bool) -> str:
     return "enabled" if enabled else "disabled"
 
 
-<<<<<<< HEAD
 def when_enabled(flag: providers.Provider, resource: providers.Resource) -> providers.Selector:  # type: ignore[type-arg]
     """``resource`` when the setting ``flag`` is true; else None, and nothing is created or imported."""
     return providers.Selector(
@@ -144,7 +140,8 @@ async def slack_notifier(settings: Settings) -> AsyncIterator[Notifier]:
 def with_lake(observers: list[Observer], lake: EventLake | None) -> list[Observer]:
     """The dispatcher's outcome observers, plus the event lake's ``record`` when it is enabled."""
     return [*observers, lake.record] if lake is not None else observers
-=======
+
+
 # --- ops: metrics (the ops server itself is started by `app.py worker`) ---------------------------
 
 
@@ -152,7 +149,6 @@ def build_metrics(handlers: dict[type[Command], list]) -> Metrics:  # type: igno
     from infra.metrics import Metrics
 
     return Metrics(command_types=CommandFactory(handlers).types)
->>>>>>> ops
 
 
 # --- the core ---------------------------------------------------------------------------------------
@@ -213,7 +209,6 @@ class Container(containers.DeclarativeContainer):
     notifier = when_enabled(settings.provided.slack_enabled, providers.Resource(slack_notifier, settings))
     handlers = providers.Object(HANDLERS)
     # The names handlers may ask for (see application.dispatcher.bind).
-<<<<<<< HEAD
     handler_dependencies = providers.Dict(
         store=store,
         policy=policy,
@@ -222,14 +217,9 @@ class Container(containers.DeclarativeContainer):
         issue_tracker=issue_tracker,
         notifier=notifier,
     )
-    observers = providers.List()
+    metrics = providers.Singleton(build_metrics, handlers)
+    observers = providers.List(metrics.provided.observe)
     outcome_observers = providers.Callable(with_lake, observers, event_lake)
     dispatcher = providers.Singleton(
         build_dispatcher, settings, handlers, handler_dependencies, outcome_observers
     )
-=======
-    handler_dependencies = providers.Dict(store=store, policy=policy, cluster=cluster, cloud=cloud)
-    metrics = providers.Singleton(build_metrics, handlers)
-    observers = providers.List(metrics.provided.observe)
-    dispatcher = providers.Singleton(build_dispatcher, settings, handlers, handler_dependencies, observers)
->>>>>>> ops

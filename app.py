@@ -12,7 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -27,12 +27,19 @@ from application.worker import run_worker
 from config.container import Container
 from config.settings import Settings, SettingsError, load
 
+if TYPE_CHECKING:
+    from infra.ops import OpsServer
+
 T = TypeVar("T")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="JSON file of settings (environment variables INCIDENTD_* take precedence).")  # fmt: skip
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON file of settings (environment variables INCIDENTD_* take precedence).",
+)
 @click.pass_context
 def cli(ctx: click.Context, config_file: Path | None) -> None:
     """incidentd: turns operational events into incidents and actions."""
@@ -61,8 +68,12 @@ async def _container(settings: Settings) -> AsyncIterator[Container]:
 
 
 @cli.command()
-@click.option("--from", "from_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Feed this JSON-lines file into the embedded broker, process it, print a summary, exit.")  # fmt: skip
+@click.option(
+    "--from",
+    "from_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Feed this JSON-lines file into the embedded broker, process it, print a summary, exit.",
+)
 @click.pass_context
 def worker(ctx: click.Context, from_file: Path | None) -> None:
     """Consume messages until SIGTERM / SIGINT, then drain and exit 0."""
@@ -75,21 +86,56 @@ async def _worker(settings: Settings, from_file: Path | None) -> None:
         broker: Broker = await container.broker()
         counts: collections.Counter[str] = collections.Counter()
         container.observers.add_args(_counter(counts))
-        dispatcher: Dispatcher = await container.dispatcher()
+        # A Future, not the object: the dispatcher's dependencies are async Resources.
+        dispatcher: Dispatcher = await container.dispatcher()  # type: ignore[misc]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await broker.setup()
         if from_file is not None:
-            for body, attributes in _read_jsonl(from_file.read_bytes().splitlines()):
+            lines = (await asyncio.to_thread(from_file.read_bytes)).splitlines()
+            for body, attributes in _read_jsonl(lines):
                 await broker.publisher.publish(body, attributes)
             waiter = asyncio.create_task(broker.wait_idle())  # type: ignore[attr-defined]
             waiter.add_done_callback(lambda _: stop.set())
-        await run_worker(broker.subscriber, dispatcher, stop=stop, shutdown_timeout=settings.shutdown_timeout)
+        ops = await _start_ops(settings, container, broker, dispatcher) if from_file is None else None
+        report = await run_worker(
+            broker.subscriber,
+            dispatcher,
+            stop=stop,
+            shutdown_timeout=settings.shutdown_timeout,
+            on_stopping=[ops.mark_stopping] if ops else [],
+        )
+        if ops is not None:
+            container.metrics().drained(report.seconds)
+            await ops.stop()
         if from_file is not None:
             store = await container.store()
             click.echo(_summary(counts, await store.list()))
+
+
+async def _start_ops(
+    settings: Settings, container: Container, broker: Broker, dispatcher: Dispatcher
+) -> OpsServer | None:
+    """The ops server (/healthz, /readyz, /metrics) of a long-running worker; docs/operations.md."""
+    if not settings.ops_enabled:
+        return None
+    from infra.ops import OpsServer
+
+    metrics = container.metrics()
+    metrics.track_in_flight(lambda: dispatcher.in_flight)
+    store = await container.store()
+    server = OpsServer(
+        metrics.registry,
+        host=settings.ops_host,
+        port=settings.ops_port,
+        checks={"broker": lambda: broker.subscriber.connected, "store": store.ping},
+        loop_lag_threshold=settings.ops_loop_lag_threshold,
+        on_lag=metrics.loop_lag.set,
+    )
+    await server.start()
+    return server
 
 
 def _counter(counts: collections.Counter[str]) -> Any:
@@ -123,7 +169,9 @@ def _summary(counts: collections.Counter[str], incidents: list[Incident]) -> str
     by_status = collections.Counter(i.status for i in incidents)
     lines = [
         f"messages: {counts['ack']} acked, {counts['dead_letter']} dead-lettered, {counts['retry']} retried",
-        "incidents: " + ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) if incidents else "incidents: none",
+        "incidents: " + ", ".join(f"{n} {s}" for s, n in sorted(by_status.items()))
+        if incidents
+        else "incidents: none",
     ]
     return "\n".join([*lines, *_table(incidents)])
 
@@ -131,7 +179,9 @@ def _summary(counts: collections.Counter[str], incidents: list[Incident]) -> str
 def _table(incidents: list[Incident]) -> list[str]:
     rows = [f"{'ID':36}  {'STATUS':12}  {'SEVERITY':8}  {'SERVICE':16}  {'N':>3}  TITLE"]
     for i in incidents:
-        rows.append(f"{i.id!s:36}  {i.status:12}  {i.severity:8}  {i.service[:16]:16}  {i.occurrences:>3}  {i.title}")
+        rows.append(
+            f"{i.id!s:36}  {i.status:12}  {i.severity:8}  {i.service[:16]:16}  {i.occurrences:>3}  {i.title}"
+        )
     return rows
 
 
@@ -301,7 +351,9 @@ def dlq_replay(ctx: click.Context, limit: int | None, dry_run: bool) -> None:
     """Re-validate dead letters and publish the valid ones back to the main destination (attempt 1)."""
     factory = CommandFactory(HANDLERS)
     report = asyncio.run(
-        _dead_letters(_settings(ctx), lambda q: q.replay(validate=factory.decode, limit=limit, dry_run=dry_run))
+        _dead_letters(
+            _settings(ctx), lambda q: q.replay(validate=factory.decode, limit=limit, dry_run=dry_run)
+        )
     )
     verb = "would replay" if dry_run else "replayed"
     click.echo(f"{verb} {len(report.replayed)}; left {len(report.invalid)} that would fail again")

@@ -28,7 +28,8 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
             structlog.processors.dict_tracebacks,
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ]
-        factory = structlog.BytesLoggerFactory(getattr(stream, "buffer", stream))
+        # JSON goes out as bytes (orjson) straight to the text stream's binary buffer.
+        factory = structlog.BytesLoggerFactory(stream.buffer)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),

@@ -194,7 +194,8 @@ class SqliteStore:
     async def list(
         self, *, status: Status | None = None, service: str | None = None, limit: int = 1000
     ) -> list[Incident]:
-        clauses, args = [], []
+        clauses: list[str] = []
+        args: list[object] = []
         if status:
             clauses.append("status = ?")
             args.append(status)

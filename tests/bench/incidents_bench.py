@@ -57,7 +57,8 @@ def batches(count: int, seed: int = 7) -> list[bytes]:
             resolved = rng.random() < 0.1
             alerts.append({
                 "status": "resolved" if resolved else "firing",
-                "labels": {"alertname": "HighLatency", "job": service, "env": "production", "severity": "high",
+                "labels": {"alertname": "HighLatency", "job": service, "env": "production",
+                           "severity": "high",
                            "instance": f"pod-{fingerprint}"},
                 "annotations": {"summary": f"{service} latency high on pod-{fingerprint}",
                                 "runbook_url": f"https://runbooks.example.com/{service}"},
@@ -66,7 +67,8 @@ def batches(count: int, seed: int = 7) -> list[bytes]:
                 "generatorURL": "http://prometheus:9090/graph", "fingerprint": f"{fingerprint:016x}",
             })  # fmt: skip
         out.append(json.dumps({
-            "version": "4", "groupKey": f"{{}}:{{alertname=\"HighLatency\",batch=\"{n}\"}}", "status": "firing",
+            "version": "4", "groupKey": f"{{}}:{{alertname=\"HighLatency\",batch=\"{n}\"}}",
+            "status": "firing",
             "receiver": "incidentd", "groupLabels": {"alertname": "HighLatency"},
             "commonLabels": {"alertname": "HighLatency", "env": "production"}, "commonAnnotations": {},
             "externalURL": "http://alertmanager:9093", "alerts": alerts,
@@ -158,7 +160,8 @@ async def main() -> None:
                 incidents = len(await store.list(limit=100_000))
         q = statistics.quantiles(latencies, n=100)
         alerts = 10 * len(bodies)
-        print(f"| {name} | {alerts} | {elapsed:.2f} | {alerts / elapsed:,.0f} | {alerts / cpu:,.0f} | {q[49] * 1000:.1f} | "
+        print(f"| {name} | {alerts} | {elapsed:.2f} | {alerts / elapsed:,.0f} | {alerts / cpu:,.0f} | "
+              f"{q[49] * 1000:.1f} | "
               f"{q[98] * 1000:.1f} |  ({len(latencies)} batches handled, {incidents} incidents)")  # fmt: skip
 
 

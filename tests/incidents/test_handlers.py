@@ -131,11 +131,13 @@ async def test_oec_acknowledge_before_create_opens_from_the_payload(
 
 
 async def test_oec_actions_map_to_transitions(sqlite_store: SqliteStore, deps: dict[str, Any]) -> None:
-    """AssignOwnership / TakeOwnership set the assignee, AddNote notes, UnAcknowledge reopens, Close resolves."""
+    """AssignOwnership / TakeOwnership set the assignee, AddNote notes, UnAcknowledge reopens, Close
+    resolves."""
     base = 1763892300000000000
     steps = [("Create", {}), ("Acknowledge", {}), ("AssignOwnership", {"owner": "bob@example.com"}),
              ("AddNote", {"note": "failing over"}), ("UnAcknowledge", {}),
-             ("TakeOwnership", {"username": "carol@example.com"}), ("Close", {"note": "lag gone"})]  # fmt: skip
+             ("TakeOwnership", {"username": "carol@example.com"}),
+             ("Close", {"note": "lag gone"})]  # fmt: skip
     for n, (action, alert) in enumerate(steps):
         await handle(
             sqlite_store, deps, oec("oec_create", action=action, updatedAt=base + n * 10**9, **alert)

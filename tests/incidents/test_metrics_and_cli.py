@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 from prometheus_client import CollectorRegistry, generate_latest
 
-from app import cli
 from application.dispatcher import bind
 from application.handlers import HANDLERS
 from infra.incident_metrics import register_incident_metrics
@@ -57,38 +59,46 @@ async def test_metrics_count_transitions_once_and_read_active_from_the_store(
     assert b"incidentd_incidents_active" in generate_latest(registry)
 
 
+ROOT = Path(__file__).parent.parent.parent
+
+
 @pytest.fixture
-def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    monkeypatch.setenv("INCIDENTD_SQLITE_PATH", str(tmp_path / "cli.db"))
-    monkeypatch.setenv("INCIDENTD_LOG_LEVEL", "error")
-    return CliRunner()
+def incidentd(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Runs ``python app.py ...`` as a user would (a process of its own: logging set-up stays there)."""
+    env = {**os.environ, "INCIDENTD_SQLITE_PATH": str(tmp_path / "cli.db"), "INCIDENTD_LOG_LEVEL": "error"}
+    env.pop("INCIDENTD_BROKER", None)
+
+    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "app.py", *args], cwd=ROOT, env=env, input=stdin,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    return run
 
 
-def test_list_shows_correlation_groups_and_show_the_timeline(runner: CliRunner) -> None:
+def test_list_shows_correlation_groups_and_show_the_timeline(incidentd: Callable[..., Any]) -> None:
     """After the README's first command, ``incidents list`` groups the two checkout alerts, --json
     carries the group, and ``incidents show`` prints the incident with its timeline."""
-    assert runner.invoke(cli, ["worker", "--from", str(EXAMPLES)]).exit_code == 0
-    listed = runner.invoke(cli, ["incidents", "list"])
-    assert listed.exit_code == 0
-    assert "checkout/production  2 incident(s)" in listed.output
-    found = json.loads(runner.invoke(cli, ["incidents", "list", "--json", "--service", "orders-db"]).output)
-    [orders] = found
+    assert incidentd("worker", "--from", str(EXAMPLES)).returncode == 0
+    listed = incidentd("incidents", "list")
+    assert listed.returncode == 0
+    assert "checkout/production  2 incident(s)" in listed.stdout
+    [orders] = json.loads(incidentd("incidents", "list", "--json", "--service", "orders-db").stdout)
     assert orders["status"] == "acknowledged" and orders["correlation_group"]
-    shown = runner.invoke(cli, ["incidents", "show", orders["id"]])
-    assert shown.exit_code == 0
-    assert "acknowledged" in shown.output and "jane.doe@example.com  Looking at it" in shown.output
-    missing = runner.invoke(cli, ["incidents", "show", str(uuid.uuid4())])
-    assert missing.exit_code == 1 and "no incident" in missing.output
+    shown = incidentd("incidents", "show", orders["id"])
+    assert shown.returncode == 0
+    assert "acknowledged" in shown.stdout and "jane.doe@example.com  Looking at it" in shown.stdout
+    missing = incidentd("incidents", "show", str(uuid.uuid4()))
+    assert missing.returncode == 1 and "no incident" in missing.stderr
 
 
-@pytest.mark.parametrize("verb", ["ack", "resolve"])
 def test_ack_and_resolve_with_the_memory_broker_say_why_they_cannot_publish(
-    runner: CliRunner, verb: str
+    incidentd: Callable[..., Any],
 ) -> None:
     """ack/resolve publish a command for the worker; the in-process memory broker cannot carry it, and
     the CLI says so exactly as ``publish`` does."""
-    result = runner.invoke(cli, ["incidents", verb, str(uuid.uuid4()), "--note", "on it"])
-    published = runner.invoke(cli, ["publish", "incident.acknowledge", "-"], input="{}")
-    assert result.exit_code == 2 == published.exit_code
-    assert "the memory broker lives inside one worker process" in result.output
-    assert result.output.splitlines()[-1] == published.output.splitlines()[-1]
+    published = incidentd("publish", "incident.acknowledge", "-", stdin="{}")
+    for verb in ("ack", "resolve"):
+        result = incidentd("incidents", verb, str(uuid.uuid4()), "--note", "on it")
+        assert result.returncode == 2 == published.returncode
+        assert "the memory broker lives inside one worker process" in result.stderr
+        assert result.stderr.splitlines()[-1] == published.stderr.splitlines()[-1]

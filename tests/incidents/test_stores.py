@@ -133,7 +133,7 @@ class StoreContract:
             assert not tx.already_processed
 
     async def test_reads_filter_and_count(self, store: Any) -> None:
-        """list filters by status and service; get finds by id; count_active groups by severity and service."""
+        """list filters by status and service; get finds by id; count_active counts by severity, service."""
         await self.deliver(
             store,
             Delivery(firing("fp-a")),

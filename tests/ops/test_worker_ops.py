@@ -1,0 +1,151 @@
+"""The ops server wired into a running worker: what Kubernetes sees across a SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from application.commands import Command
+from application.dispatcher import Context, Dispatcher, bind
+from application.factory import CommandFactory
+from application.worker import run_worker
+from infra.memory import MemoryBroker
+from infra.metrics import Metrics
+from infra.ops import OpsServer
+from infra.sqlite.dead_letters import SqliteDeadLetters
+from tests.ops.conftest import ROOT
+
+
+class Slow(Command):
+    TYPE = "test.slow"
+
+
+async def get(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(url, timeout=aiohttp.ClientTimeout(5)) as r:
+        return r.status, await r.text()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return None
+
+
+async def until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(200):  # bounded: 10 s
+        if await condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_readiness_drops_on_stop_while_the_in_flight_message_drains(tmp_path: Path) -> None:
+    """On SIGTERM /readyz is 503 at once while a handler still runs; /healthz stays 200; nothing is lost."""
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def handler(command: Slow, context: Context) -> None:
+        started.set()
+        await release.wait()
+
+    metrics = Metrics(command_types=[Slow.TYPE])
+    dispatcher = Dispatcher(
+        CommandFactory([Slow]),
+        bind({Slow: [handler]}, {}),
+        concurrency=4,
+        timeout=30,
+        observers=[metrics.observe],
+    )
+    metrics.track_in_flight(lambda: dispatcher.in_flight)
+    broker = MemoryBroker(await SqliteDeadLetters.open(tmp_path / "dlq.db"), prefetch=8)
+    server = OpsServer(metrics.registry, port=0, checks={"broker": lambda: broker.subscriber.connected})
+    stop = asyncio.Event()
+    async with server:
+        url = f"http://127.0.0.1:{server.port}"
+        assert (await get(url + "/readyz"))[0] == 503, "not ready before it consumes"
+        worker = asyncio.create_task(
+            run_worker(
+                broker.subscriber,
+                dispatcher,
+                stop=stop,
+                shutdown_timeout=20,
+                on_stopping=[server.mark_stopping],
+            )
+        )
+        await broker.publisher.publish(b"{}", {"type": Slow.TYPE})
+        await asyncio.wait_for(started.wait(), 10)
+        assert (await get(url + "/readyz"))[0] == 200
+
+        stop.set()  # what the SIGTERM handler does
+
+        async def not_ready() -> bool:
+            return (await get(url + "/readyz"))[0] == 503
+
+        await until(not_ready, "/readyz 503")
+        assert not worker.done(), "still draining"
+        assert (await get(url + "/healthz"))[0] == 200
+        metrics_text = (await get(url + "/metrics"))[1]
+        assert sample(metrics_text, "incidentd_messages_in_flight") == 1
+
+        release.set()
+        report = await asyncio.wait_for(worker, 10)
+        metrics.drained(report.seconds)
+        metrics_text = (await get(url + "/metrics"))[1]
+    await broker.close()
+    assert report.cancelled == 0
+    assert sample(metrics_text, "incidentd_messages_total", command_type=Slow.TYPE, outcome="ack") == 1
+    assert sample(metrics_text, "incidentd_shutdown_drain_seconds") == report.seconds > 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_app_worker_serves_probes_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+    """`python app.py worker` answers /readyz and /metrics on the ops port and exits 0 on SIGTERM."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "INCIDENTD_OPS_HOST": "127.0.0.1",
+        "INCIDENTD_OPS_PORT": str(port),
+        "INCIDENTD_SQLITE_PATH": str(tmp_path / "incidentd.db"),
+        "INCIDENTD_SHUTDOWN_TIMEOUT": "5",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "app.py", "worker", cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        async def ready() -> bool:
+            assert proc.returncode is None, "the worker exited"
+            try:
+                return (await get(url + "/readyz"))[0] == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await until(ready, "the worker's /readyz")
+        metrics_text = (await get(url + "/metrics"))[1]
+        for command_type in ("alertmanager.webhook", "incident.create", "unknown"):
+            assert (
+                sample(metrics_text, "incidentd_messages_total", command_type=command_type, outcome="ack")
+                == 0
+            )
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, stderr.decode()

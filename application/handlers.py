@@ -118,9 +118,6 @@ class _Work:
 
     async def _open_groups(self) -> dict[str, OpenGroup]:
         if self._groups is None:
-            await self._tx.lock(
-                f"correlation:{service}/{environment}" for service, environment in self._scopes
-            )
             found = await self._tx.open_groups(self._scopes) if self._scopes else []
             self._groups = {group.name: group for group in found}
         return self._groups

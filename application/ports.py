@@ -51,7 +51,8 @@ class Transaction(Protocol):
         ...
 
     async def open_groups(self, scopes: Collection[tuple[str, str]]) -> list[OpenGroup]:
-        """The correlation groups with unresolved incidents in these (service, environment) scopes."""
+        """Lock these (service, environment) scopes, and return the correlation groups with unresolved
+        incidents in them. Call it after locking every dedup key (always in that order)."""
         ...
 
     async def add(self, incident: Incident) -> None: ...

@@ -30,15 +30,9 @@ _LOCK = (
     "SELECT pg_advisory_xact_lock($2, h) FROM "
     "(SELECT DISTINCT hashtext(k) AS h FROM unnest($1::text[]) AS k ORDER BY 1) AS ordered"
 )
-_LATEST = (
-    "SELECT DISTINCT ON (dedup_key) doc::text FROM incidents WHERE dedup_key = ANY($1::text[]) "
-    "ORDER BY dedup_key, seq DESC"
-)
-_OPEN_GROUPS = """
-SELECT correlation_group, service, environment, min(created_at), max(last_event_at) FROM incidents
-WHERE status <> 'resolved' AND (service, environment) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-GROUP BY 1, 2, 3
-"""
+# Lock, then read under the locks: functions of migration 0002 (one round trip each).
+_LATEST = "SELECT incidentd_latest($1::text[], $2)"
+_OPEN_GROUPS = "SELECT * FROM incidentd_open_groups($1::text[], $2, $3::text[], $4::text[])"
 _UPSERT = """
 INSERT INTO incidents (id, dedup_key, status, severity, service, environment, correlation_group,
                        created_at, last_event_at, doc)
@@ -69,9 +63,10 @@ class _Transaction:
             self._locked.update(new)
 
     async def latest(self, dedup_keys: Collection[str]) -> dict[str, Incident]:
-        await self.lock(dedup_keys)
+        keys = list(dedup_keys)
+        self._locked.update(keys)
         found = {}
-        for record in await self._conn.fetch(_LATEST, list(dedup_keys)):
+        for record in await self._conn.fetch(_LATEST, keys, _LOCK_NAMESPACE):
             incident = self._loaded_incident(record[0])
             found[incident.dedup_key] = incident
         return found
@@ -85,8 +80,10 @@ class _Transaction:
         return self._loaded_incident(doc)
 
     async def open_groups(self, scopes: Collection[tuple[str, str]]) -> list[OpenGroup]:
+        keys = [f"correlation:{service}/{environment}" for service, environment in scopes]
+        self._locked.update(keys)
         services, environments = zip(*scopes, strict=True) if scopes else ((), ())
-        rows = await self._conn.fetch(_OPEN_GROUPS, list(services), list(environments))
+        rows = await self._conn.fetch(_OPEN_GROUPS, keys, _LOCK_NAMESPACE, list(services), list(environments))
         return [OpenGroup(*row) for row in rows]
 
     async def add(self, incident: Incident) -> None:

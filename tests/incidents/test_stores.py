@@ -193,6 +193,6 @@ class TestPostgresStore(StoreContract):
                 rows = await conn.fetch(f'SELECT version FROM "{pg_schema}".schema_migrations')
             finally:
                 await conn.close()
-            assert [r["version"] for r in rows] == ["0001_incidents"]
+            assert [r["version"] for r in rows] == ["0001_incidents", "0002_lock_and_read"]
         finally:
             await drop_schema(pg_schema)

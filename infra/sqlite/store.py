@@ -42,6 +42,7 @@ MIGRATIONS = [
     ALTER TABLE incidents ADD COLUMN severity TEXT NOT NULL DEFAULT 'medium';
     ALTER TABLE incidents ADD COLUMN correlation_group TEXT NOT NULL DEFAULT '';
     ALTER TABLE incidents ADD COLUMN last_event_at TEXT NOT NULL DEFAULT '';
+    UPDATE incidents SET last_event_at = created_at, correlation_group = id WHERE last_event_at = '';
     CREATE INDEX IF NOT EXISTS incidents_latest ON incidents (dedup_key);  -- rowid order within a key
     CREATE INDEX IF NOT EXISTS incidents_open_by_scope ON incidents (service, environment)
         WHERE status != 'resolved';

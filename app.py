@@ -294,22 +294,19 @@ def _incident_command(ctx: click.Context, type_name: str, incident_id: Any, note
     click.echo(asyncio.run(_publish(settings, body, {TYPE_ATTR: type_name})))
 
 
-@incidents.command("ack")
-@click.argument("incident_id", type=click.UUID)
-@click.option("--note", default="", help="Kept on the incident's timeline.")
-@click.pass_context
-def incidents_ack(ctx: click.Context, incident_id: Any, note: str) -> None:
-    """Publish an incident.acknowledge command for INCIDENT_ID; print its message id."""
-    _incident_command(ctx, "incident.acknowledge", incident_id, note)
+def _publishing(verb: str, type_name: str) -> None:
+    """``incidents ack|resolve ID [--note]``: publish ``type_name`` for the worker; print its message id."""
+
+    @incidents.command(verb, help=f"Publish an {type_name} command for INCIDENT_ID; print its message id.")
+    @click.argument("incident_id", type=click.UUID)
+    @click.option("--note", default="", help="Kept on the incident's timeline.")
+    @click.pass_context
+    def command(ctx: click.Context, incident_id: Any, note: str) -> None:
+        _incident_command(ctx, type_name, incident_id, note)
 
 
-@incidents.command("resolve")
-@click.argument("incident_id", type=click.UUID)
-@click.option("--note", default="", help="Kept on the incident's timeline.")
-@click.pass_context
-def incidents_resolve(ctx: click.Context, incident_id: Any, note: str) -> None:
-    """Publish an incident.resolve command for INCIDENT_ID; print its message id."""
-    _incident_command(ctx, "incident.resolve", incident_id, note)
+_publishing("ack", "incident.acknowledge")
+_publishing("resolve", "incident.resolve")
 
 
 @cli.group()

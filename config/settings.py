@@ -45,6 +45,14 @@ class Settings(BaseSettings):
     environment_labels: list[str] = Field(default_factory=lambda: ["environment", "env"])
     severity_label: str = "severity"
 
+    # --- rabbitmq (infra/rabbitmq; docs/rabbitmq.md) ------------------------------------------------
+    # Prefetch is derived, not set: 2 x concurrency (capped at 65535), so a slot that frees up finds
+    # the next delivery already in the process while the broker sends more.
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    rabbitmq_exchange: str = "incidentd"
+    rabbitmq_queue: str = "incidentd"
+    rabbitmq_queue_type: Literal["quorum", "classic"] = "quorum"
+
     @field_validator("retry_backoff")
     @classmethod
     def _non_negative(cls, value: list[float]) -> list[float]:

@@ -30,8 +30,12 @@ T = TypeVar("T")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="JSON file of settings (environment variables INCIDENTD_* take precedence).")  # fmt: skip
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON file of settings (environment variables INCIDENTD_* take precedence).",
+)
 @click.pass_context
 def cli(ctx: click.Context, config_file: Path | None) -> None:
     """incidentd: turns operational events into incidents and actions."""
@@ -60,8 +64,12 @@ async def _container(settings: Settings) -> AsyncIterator[Container]:
 
 
 @cli.command()
-@click.option("--from", "from_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Feed this JSON-lines file into the embedded broker, process it, print a summary, exit.")  # fmt: skip
+@click.option(
+    "--from",
+    "from_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Feed this JSON-lines file into the embedded broker, process it, print a summary, exit.",
+)
 @click.pass_context
 def worker(ctx: click.Context, from_file: Path | None) -> None:
     """Consume messages until SIGTERM / SIGINT, then drain and exit 0."""
@@ -81,7 +89,8 @@ async def _worker(settings: Settings, from_file: Path | None) -> None:
             loop.add_signal_handler(sig, stop.set)
         await broker.setup()
         if from_file is not None:
-            for body, attributes in _read_jsonl(from_file.read_bytes().splitlines()):
+            lines = (await asyncio.to_thread(from_file.read_bytes)).splitlines()
+            for body, attributes in _read_jsonl(lines):
                 await broker.publisher.publish(body, attributes)
             waiter = asyncio.create_task(broker.wait_idle())  # type: ignore[attr-defined]
             waiter.add_done_callback(lambda _: stop.set())
@@ -122,7 +131,9 @@ def _summary(counts: collections.Counter[str], incidents: list[Incident]) -> str
     by_status = collections.Counter(i.status for i in incidents)
     lines = [
         f"messages: {counts['ack']} acked, {counts['dead_letter']} dead-lettered, {counts['retry']} retried",
-        "incidents: " + ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) if incidents else "incidents: none",
+        "incidents: " + ", ".join(f"{n} {s}" for s, n in sorted(by_status.items()))
+        if incidents
+        else "incidents: none",
     ]
     return "\n".join([*lines, *_table(incidents)])
 
@@ -130,7 +141,9 @@ def _summary(counts: collections.Counter[str], incidents: list[Incident]) -> str
 def _table(incidents: list[Incident]) -> list[str]:
     rows = [f"{'ID':36}  {'STATUS':12}  {'SEVERITY':8}  {'SERVICE':16}  {'N':>3}  TITLE"]
     for i in incidents:
-        rows.append(f"{i.id!s:36}  {i.status:12}  {i.severity:8}  {i.service[:16]:16}  {i.occurrences:>3}  {i.title}")
+        rows.append(
+            f"{i.id!s:36}  {i.status:12}  {i.severity:8}  {i.service[:16]:16}  {i.occurrences:>3}  {i.title}"
+        )
     return rows
 
 
@@ -232,7 +245,9 @@ def dlq_replay(ctx: click.Context, limit: int | None, dry_run: bool) -> None:
     """Re-validate dead letters and publish the valid ones back to the main destination (attempt 1)."""
     factory = CommandFactory(HANDLERS)
     report = asyncio.run(
-        _dead_letters(_settings(ctx), lambda q: q.replay(validate=factory.decode, limit=limit, dry_run=dry_run))
+        _dead_letters(
+            _settings(ctx), lambda q: q.replay(validate=factory.decode, limit=limit, dry_run=dry_run)
+        )
     )
     verb = "would replay" if dry_run else "replayed"
     click.echo(f"{verb} {len(report.replayed)}; left {len(report.invalid)} that would fail again")

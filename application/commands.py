@@ -136,7 +136,7 @@ class SecurityHubDetail(_Payload):
     findings: list[Finding] = Field(min_length=1)
 
 
-_DETAIL_TYPES = {
+_DETAIL_TYPES: dict[str, tuple[str, type[BaseModel]]] = {
     "aws.health": ("AWS Health Event", HealthDetail),
     "aws.securityhub": ("Security Hub Findings - Imported", SecurityHubDetail),
 }

@@ -197,7 +197,11 @@ class Dispatcher:
                 raise
             retrying = AsyncRetrying(
                 stop=stop_after_attempt(self._retry.in_process_attempts - 1),
-                wait=wait_exponential_jitter(self._retry.in_process_initial, self._retry.in_process_max),
+                wait=wait_exponential_jitter(
+                    multiplier=self._retry.in_process_initial,
+                    max=self._retry.in_process_max,
+                    jitter=self._retry.in_process_initial,
+                ),
                 retry=retry_if_exception_type(TransientError),
                 reraise=True,
             )

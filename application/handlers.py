@@ -19,10 +19,10 @@ from application.commands import (
     Command,
     CreateIncident,
     HealthDetail,
+    IncidentRef,
     OpsgenieAction,
     ResolveIncident,
     SecurityHubDetail,
-    IncidentRef,
 )
 from application.dispatcher import Context, Handler
 from application.errors import TransientError
@@ -56,22 +56,30 @@ async def alertmanager_webhook(
                 await tx.update(incident)
                 continue
             labels = {**cmd.common_labels, **alert.labels}
-            await tx.add(Incident.open(
-                at=alert.starts_at, actor="alertmanager", message_id=ctx.message_id,
-                title=alert.annotations.get("summary") or labels.get("alertname", "alert"),
-                service=policy.pick(labels, policy.service_labels),
-                environment=policy.pick(labels, policy.environment_labels),
-                severity=policy.severity(labels),
-                source="alertmanager",
-                source_alert={
-                    "fingerprint": alert.fingerprint, "startsAt": alert.starts_at.isoformat(),
-                    "labels": alert.labels, "annotations": alert.annotations,
-                    "generatorURL": alert.generator_url, "groupKey": cmd.group_key,
-                    "commonLabels": cmd.common_labels, "externalURL": cmd.external_url,
-                },
-                dedup_key=key,
-                runbook_url=alert.annotations.get("runbook_url", ""),
-            ))  # fmt: skip
+            await tx.add(
+                Incident.open(
+                    at=alert.starts_at,
+                    actor="alertmanager",
+                    message_id=ctx.message_id,
+                    title=alert.annotations.get("summary") or labels.get("alertname", "alert"),
+                    service=policy.pick(labels, policy.service_labels),
+                    environment=policy.pick(labels, policy.environment_labels),
+                    severity=policy.severity(labels),
+                    source="alertmanager",
+                    source_alert={
+                        "fingerprint": alert.fingerprint,
+                        "startsAt": alert.starts_at.isoformat(),
+                        "labels": alert.labels,
+                        "annotations": alert.annotations,
+                        "generatorURL": alert.generator_url,
+                        "groupKey": cmd.group_key,
+                        "commonLabels": cmd.common_labels,
+                        "externalURL": cmd.external_url,
+                    },
+                    dedup_key=key,
+                    runbook_url=alert.annotations.get("runbook_url", ""),
+                )
+            )
 
 
 async def opsgenie_action(cmd: OpsgenieAction, ctx: Context, store: IncidentStore) -> None:
@@ -89,17 +97,25 @@ async def opsgenie_action(cmd: OpsgenieAction, ctx: Context, store: IncidentStor
                 incident.record_occurrence(at=at, actor=actor, message_id=ctx.message_id)
                 await tx.update(incident)
             else:
-                await tx.add(Incident.open(
-                    at=at, actor=actor, message_id=ctx.message_id,
-                    title=alert.message or alert.alias or alert.alert_id,
-                    severity=normalise_severity(alert.priority),
-                    service=alert.details.get("service", alert.entity),
-                    environment=alert.details.get("environment", ""),
-                    source="opsgenie",
-                    source_alert={"alertId": alert.alert_id, "alias": alert.alias, "tags": alert.tags,
-                                  "integrationName": cmd.integration_name},
-                    dedup_key=key,
-                ))  # fmt: skip
+                await tx.add(
+                    Incident.open(
+                        at=at,
+                        actor=actor,
+                        message_id=ctx.message_id,
+                        title=alert.message or alert.alias or alert.alert_id,
+                        severity=normalise_severity(alert.priority),
+                        service=alert.details.get("service", alert.entity),
+                        environment=alert.details.get("environment", ""),
+                        source="opsgenie",
+                        source_alert={
+                            "alertId": alert.alert_id,
+                            "alias": alert.alias,
+                            "tags": alert.tags,
+                            "integrationName": cmd.integration_name,
+                        },
+                        dedup_key=key,
+                    )
+                )
             return
         if incident is None:
             # Its Create may still be in flight (deliveries are not ordered): retry, bounded.
@@ -115,13 +131,17 @@ async def opsgenie_action(cmd: OpsgenieAction, ctx: Context, store: IncidentStor
         elif cmd.action in ("AssignOwnership", "TakeOwnership"):
             incident.assign(owner=alert.owner or actor, at=at, actor=actor, message_id=ctx.message_id)
         else:
-            incident.record_action(action=cmd.action, at=at, actor=actor, message_id=ctx.message_id,
-                                   note=alert.note)  # fmt: skip
+            incident.record_action(
+                action=cmd.action, at=at, actor=actor, message_id=ctx.message_id, note=alert.note
+            )
         await tx.update(incident)
 
 
-_HEALTH_SEVERITY: dict[str, SeverityName] = {"issue": "high", "scheduledChange": "low",
-                                             "accountNotification": "info"}  # fmt: skip
+_HEALTH_SEVERITY: dict[str, SeverityName] = {
+    "issue": "high",
+    "scheduledChange": "low",
+    "accountNotification": "info",
+}
 
 
 async def aws_event(cmd: AwsEvent, ctx: Context, store: IncidentStore) -> None:
@@ -148,16 +168,26 @@ async def _health(cmd: AwsEvent, detail: HealthDetail, ctx: Context, tx: Transac
         await tx.update(incident)
         return
     description = detail.event_description[0].get("latestDescription", "") if detail.event_description else ""
-    await tx.add(Incident.open(
-        at=cmd.time, actor="aws.health", message_id=ctx.message_id,
-        title=f"AWS Health: {detail.event_type_code} ({detail.service}, {cmd.region})",
-        service=detail.service, environment=cmd.account,
-        severity=_HEALTH_SEVERITY.get(detail.event_type_category, "medium"),
-        source="aws.health",
-        source_alert={"eventArn": detail.event_arn, "eventTypeCode": detail.event_type_code,
-                      "statusCode": detail.status_code, "region": cmd.region, "description": description},
-        dedup_key=key,
-    ))  # fmt: skip
+    await tx.add(
+        Incident.open(
+            at=cmd.time,
+            actor="aws.health",
+            message_id=ctx.message_id,
+            title=f"AWS Health: {detail.event_type_code} ({detail.service}, {cmd.region})",
+            service=detail.service,
+            environment=cmd.account,
+            severity=_HEALTH_SEVERITY.get(detail.event_type_category, "medium"),
+            source="aws.health",
+            source_alert={
+                "eventArn": detail.event_arn,
+                "eventTypeCode": detail.event_type_code,
+                "statusCode": detail.status_code,
+                "region": cmd.region,
+                "description": description,
+            },
+            dedup_key=key,
+        )
+    )
 
 
 async def _findings(cmd: AwsEvent, detail: SecurityHubDetail, ctx: Context, tx: Transaction) -> None:
@@ -176,13 +206,20 @@ async def _findings(cmd: AwsEvent, detail: SecurityHubDetail, ctx: Context, tx: 
             incident.record_occurrence(at=cmd.time, actor="aws.securityhub", message_id=ctx.message_id)
             await tx.update(incident)
             continue
-        await tx.add(Incident.open(
-            at=cmd.time, actor="aws.securityhub", message_id=ctx.message_id,
-            title=finding.title, service="securityhub", environment=finding.aws_account_id or cmd.account,
-            severity=normalise_severity(finding.severity.label), source="aws.securityhub",
-            source_alert={"Id": finding.id, "Severity": finding.severity.label, "region": cmd.region},
-            dedup_key=key,
-        ))  # fmt: skip
+        await tx.add(
+            Incident.open(
+                at=cmd.time,
+                actor="aws.securityhub",
+                message_id=ctx.message_id,
+                title=finding.title,
+                service="securityhub",
+                environment=finding.aws_account_id or cmd.account,
+                severity=normalise_severity(finding.severity.label),
+                source="aws.securityhub",
+                source_alert={"Id": finding.id, "Severity": finding.severity.label, "region": cmd.region},
+                dedup_key=key,
+            )
+        )
 
 
 async def create_incident(cmd: CreateIncident, ctx: Context, store: IncidentStore) -> None:
@@ -195,11 +232,21 @@ async def create_incident(cmd: CreateIncident, ctx: Context, store: IncidentStor
             incident.record_occurrence(at=cmd.at, actor=cmd.actor, message_id=ctx.message_id)
             await tx.update(incident)
             return
-        await tx.add(Incident.open(
-            at=cmd.at, actor=cmd.actor, message_id=ctx.message_id, title=cmd.title, service=cmd.service,
-            environment=cmd.environment, severity=cmd.severity, source="manual", dedup_key=key,
-            runbook_url=cmd.runbook_url, source_alert={"description": cmd.description} if cmd.description else {},
-        ))  # fmt: skip
+        await tx.add(
+            Incident.open(
+                at=cmd.at,
+                actor=cmd.actor,
+                message_id=ctx.message_id,
+                title=cmd.title,
+                service=cmd.service,
+                environment=cmd.environment,
+                severity=cmd.severity,
+                source="manual",
+                dedup_key=key,
+                runbook_url=cmd.runbook_url,
+                source_alert={"description": cmd.description} if cmd.description else {},
+            )
+        )
 
 
 async def acknowledge_incident(cmd: AcknowledgeIncident, ctx: Context, store: IncidentStore) -> None:

@@ -119,12 +119,28 @@ class IncidentPolicy(BaseModel):
 
 
 _SEVERITY_WORDS: dict[str, SeverityName] = {
-    "critical": "critical", "crit": "critical", "page": "critical", "p1": "critical", "fatal": "critical",
-    "high": "high", "error": "high", "major": "high", "p2": "high",
-    "medium": "medium", "warning": "medium", "warn": "medium", "p3": "medium", "moderate": "medium",
-    "low": "low", "minor": "low", "p4": "low",
-    "info": "info", "informational": "info", "none": "info", "p5": "info",
-}  # fmt: skip
+    "critical": "critical",
+    "crit": "critical",
+    "page": "critical",
+    "p1": "critical",
+    "fatal": "critical",
+    "high": "high",
+    "error": "high",
+    "major": "high",
+    "p2": "high",
+    "medium": "medium",
+    "warning": "medium",
+    "warn": "medium",
+    "p3": "medium",
+    "moderate": "medium",
+    "low": "low",
+    "minor": "low",
+    "p4": "low",
+    "info": "info",
+    "informational": "info",
+    "none": "info",
+    "p5": "info",
+}
 
 
 def normalise_severity(word: str, default: SeverityName = "medium") -> SeverityName:

@@ -6,14 +6,14 @@ fakes. A protocol exists here only where the application needs one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Literal, Protocol
 from uuid import UUID
 
-from application.incidents import Incident, Status
+from application.incidents import Incident, Status, TimelineEntry
 from application.messages import Delivery, Message
 
 # --- incidents --------------------------------------------------------------------------------------
@@ -143,3 +143,140 @@ class Broker(Protocol):
     async def setup(self) -> None:
         """Declare / create the broker's topology; idempotent."""
         ...
+
+
+# --- adapters: Kubernetes and AWS (issue 6) ---------------------------------------------------------
+# Implemented by infra/kubernetes.py and infra/aws.py. Every method has a timeout and raises only
+# TransientError / PermanentError (application.errors) for failures it can classify.
+
+RolloutState = Literal["complete", "progressing", "stalled"]
+
+
+@dataclass(frozen=True)
+class Missing:
+    """What an alert names but the cluster does not have; recorded on the incident, never retried."""
+
+    kind: Literal["Namespace", "Deployment"]
+    namespace: str
+    name: str = ""
+
+    def __str__(self) -> str:
+        target = f"{self.namespace}/{self.name}" if self.name else self.namespace
+        return f"{self.kind} {target} does not exist"
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    """What an incident is enriched with; ``rollout`` follows ``kubectl rollout status``."""
+
+    namespace: str
+    name: str
+    desired_replicas: int
+    ready_replicas: int
+    updated_replicas: int
+    available_replicas: int
+    images: tuple[str, ...]
+    rollout: RolloutState
+    # From the pod template's kubectl.kubernetes.io/restartedAt annotation (set by `rollout restart`).
+    last_restart: datetime | None = None
+    paused: bool = False
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """What an action did (or, in dry-run, would have done), for the incident's timeline."""
+
+    action: str
+    target: str
+    detail: str = ""
+    dry_run: bool = False
+
+    def __str__(self) -> str:
+        text = f"{self.action} {self.target}" + (f": {self.detail}" if self.detail else "")
+        return f"{text} (dry run, nothing changed)" if self.dry_run else text
+
+
+class Cluster(Protocol):
+    """The Kubernetes cluster incidentd runs in (or is configured for)."""
+
+    async def namespace_exists(self, namespace: str) -> bool: ...
+
+    async def deployment_status(self, namespace: str, name: str) -> DeploymentStatus | Missing: ...
+
+    async def rollout_restart(self, namespace: str, name: str) -> ActionResult:
+        """What ``kubectl rollout restart deployment/<name>`` does; PermanentError if it is missing."""
+        ...
+
+    async def scale(self, namespace: str, name: str, replicas: int) -> ActionResult: ...
+
+
+@dataclass(frozen=True)
+class Instance:
+    instance_id: str
+    state: str  # pending | running | stopping | stopped | shutting-down | terminated
+    instance_type: str = ""
+    availability_zone: str = ""
+    launch_time: datetime | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+class Cloud(Protocol):
+    """The AWS account incidentd acts on and archives to."""
+
+    async def describe_instances(self, instance_ids: Sequence[str]) -> list[Instance]: ...
+
+    async def reboot_instances(self, instance_ids: Sequence[str]) -> ActionResult: ...
+
+    async def archive(
+        self, document: Mapping[str, Any], *, id: str, at: datetime, kind: str = "incidents"
+    ) -> str:
+        """Store ``document`` as JSON under ``<kind>/<yyyy>/<mm>/<dd>/<id>.json``; return its s3:// URI."""
+        ...
+
+    async def put_metric(
+        self, name: str, value: float, *, unit: str = "Count", dimensions: Mapping[str, str] | None = None
+    ) -> None: ...
+
+    async def invoke_lambda(self, function: str, payload: Mapping[str, Any]) -> ActionResult:
+        """Asynchronous ("Event") invocation: returns once Lambda has queued the event."""
+        ...
+
+
+# --- adapters: issue tracker, chat notifier (issue 6) ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrackedIssue:
+    """An issue opened for an incident. Handlers store both in ``incident.links`` (see ISSUE_LINK)."""
+
+    number: int
+    url: str
+
+
+# Keys under which handlers store a tracked issue on the incident; the notifier links to the URL.
+ISSUE_LINK = "github_issue"
+ISSUE_URL_LINK = "github_issue_url"
+
+
+class IssueTracker(Protocol):
+    """Opens one issue per incident, comments on its transitions and closes it when it is resolved.
+
+    Redelivery-safe as long as the handler stores the returned issue on the incident in the same
+    transaction: ``open_issue`` returns the issue already named in ``incident.links`` without a call.
+    """
+
+    def tracks(self, incident: Incident) -> bool:
+        """Whether this incident gets an issue at all (e.g. severity at least ``critical``)."""
+        ...
+
+    async def open_issue(self, incident: Incident) -> TrackedIssue: ...
+
+    async def comment(self, incident: Incident, entry: TimelineEntry) -> None: ...
+
+    async def close_issue(self, incident: Incident, entry: TimelineEntry) -> None: ...
+
+
+class Notifier(Protocol):
+    """Tells people about one transition of an incident (the ``entry`` just appended to its timeline)."""
+
+    async def notify(self, incident: Incident, entry: TimelineEntry) -> None: ...

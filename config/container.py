@@ -8,6 +8,7 @@ and ``shutdown_resources()`` closes what was started, in reverse order.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from dependency_injector import containers, providers
 
@@ -16,9 +17,12 @@ from application.dispatcher import Dispatcher, Observer, RetryPolicy, bind
 from application.factory import CommandFactory
 from application.handlers import HANDLERS
 from application.incidents import IncidentPolicy
-from application.ports import Broker, IncidentStore
+from application.ports import Broker, Cloud, Cluster, IncidentStore, IssueTracker, Notifier
 from common.logging import configure_logging
 from config.settings import Settings
+
+if TYPE_CHECKING:
+    from infra.clickhouse import EventLake
 
 # --- stores -----------------------------------------------------------------------------------------
 
@@ -40,7 +44,9 @@ async def memory_broker(settings: Settings) -> AsyncIterator[Broker]:
     from infra.memory import MemoryBroker
     from infra.sqlite.dead_letters import SqliteDeadLetters
 
-    broker = MemoryBroker(await SqliteDeadLetters.open(settings.sqlite_path), prefetch=settings.concurrency * 2)
+    broker = MemoryBroker(
+        await SqliteDeadLetters.open(settings.sqlite_path), prefetch=settings.concurrency * 2
+    )
     try:
         yield broker
     finally:
@@ -52,6 +58,94 @@ async def rabbitmq_broker(settings: Settings) -> AsyncIterator[Broker]:
 
     async with open_broker(settings) as broker:
         yield broker
+
+
+# --- adapters: Kubernetes and AWS (created only when enabled; handlers get None otherwise) -----------
+
+
+async def kubernetes_cluster(settings: Settings) -> AsyncIterator[Cluster]:
+    from infra.kubernetes import connect
+
+    cluster = await connect(
+        host=settings.kubernetes_host,
+        kubeconfig=settings.kubernetes_kubeconfig,
+        context=settings.kubernetes_context,
+        call_timeout=settings.kubernetes_timeout,
+        dry_run=settings.dry_run,
+    )
+    try:
+        yield cluster
+    finally:
+        await cluster.close()
+
+
+async def aws_cloud(settings: Settings) -> AsyncIterator[Cloud]:
+    from infra.aws import AwsCloud
+
+    cloud = AwsCloud(
+        region=settings.aws_region,
+        endpoint_url=settings.aws_endpoint_url,
+        archive_bucket=settings.aws_archive_bucket,
+        metric_namespace=settings.aws_metric_namespace,
+        timeout=settings.aws_timeout,
+        max_attempts=settings.aws_max_attempts,
+        dry_run=settings.dry_run,
+    )
+    try:
+        yield cloud
+    finally:
+        await cloud.close()
+
+
+def _switch(enabled: bool) -> str:
+    return "enabled" if enabled else "disabled"
+
+
+def when_enabled(flag: providers.Provider, resource: providers.Resource) -> providers.Selector:  # type: ignore[type-arg]
+    """``resource`` when the setting ``flag`` is true; else None, and nothing is created or imported."""
+    return providers.Selector(
+        providers.Callable(_switch, flag), enabled=resource, disabled=providers.Object(None)
+    )
+
+
+# --- adapters: event lake, GitHub issues, Slack (created only when enabled) --------------------------
+
+
+async def clickhouse_event_lake(settings: Settings) -> AsyncIterator[EventLake]:
+    """Closed after the worker has drained, so the last outcomes are flushed to ClickHouse."""
+    from infra.clickhouse import from_settings
+
+    lake = from_settings(settings)
+    await lake.start()
+    try:
+        yield lake
+    finally:
+        await lake.close()
+
+
+async def github_issues(settings: Settings) -> AsyncIterator[IssueTracker]:
+    from infra.github import from_settings
+
+    tracker = from_settings(settings)
+    try:
+        yield tracker
+    finally:
+        await tracker.close()
+
+
+async def slack_notifier(settings: Settings) -> AsyncIterator[Notifier]:
+    from infra.slack import from_settings
+
+    slack = from_settings(settings)
+    try:
+        yield slack
+    finally:
+        await slack.close()
+
+
+def with_lake(observers: list[Observer], lake: EventLake | None) -> list[Observer]:
+    """The dispatcher's outcome observers, plus the event lake's ``record`` when it is enabled."""
+    return [*observers, lake.record] if lake is not None else observers
 
 
 # --- the core ---------------------------------------------------------------------------------------
@@ -99,8 +193,30 @@ class Container(containers.DeclarativeContainer):
         environment_labels=settings.provided.environment_labels,
         severity_label=settings.provided.severity_label,
     )
+    # Adapters (issue 6): a Resource only when enabled, else None.
+    cluster = when_enabled(
+        settings.provided.kubernetes_enabled, providers.Resource(kubernetes_cluster, settings)
+    )
+    cloud = when_enabled(settings.provided.aws_enabled, providers.Resource(aws_cloud, settings))
+    event_lake = when_enabled(
+        settings.provided.clickhouse_enabled, providers.Resource(clickhouse_event_lake, settings)
+    )
+    issue_tracker = when_enabled(
+        settings.provided.github_enabled, providers.Resource(github_issues, settings)
+    )
+    notifier = when_enabled(settings.provided.slack_enabled, providers.Resource(slack_notifier, settings))
     handlers = providers.Object(HANDLERS)
     # The names handlers may ask for (see application.dispatcher.bind).
-    handler_dependencies = providers.Dict(store=store, policy=policy)
+    handler_dependencies = providers.Dict(
+        store=store,
+        policy=policy,
+        cluster=cluster,
+        cloud=cloud,
+        issue_tracker=issue_tracker,
+        notifier=notifier,
+    )
     observers = providers.List()
-    dispatcher = providers.Singleton(build_dispatcher, settings, handlers, handler_dependencies, observers)
+    outcome_observers = providers.Callable(with_lake, observers, event_lake)
+    dispatcher = providers.Singleton(
+        build_dispatcher, settings, handlers, handler_dependencies, outcome_observers
+    )

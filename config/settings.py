@@ -11,7 +11,16 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "INCIDENTD_"
@@ -19,6 +28,29 @@ ENV_PREFIX = "INCIDENTD_"
 
 class SettingsError(Exception):
     """A setting has a bad value; the message names it and says what is expected."""
+
+
+# --- adapters: Slack routes (issue 6) ---------------------------------------------------------------
+
+RouteKey = Literal["service", "environment", "severity"]
+
+
+class SlackRoute(BaseModel):
+    """Incidents whose fields match every entry of ``match`` (a value or a list of values) go to this
+    webhook. Webhook URLs are secrets: give them via the environment or a file, not in a committed
+    config file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    match: dict[RouteKey, str | list[str]] = Field(default_factory=dict)
+    webhook_url: SecretStr = SecretStr("")
+    webhook_url_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_webhook(self) -> SlackRoute:
+        if bool(self.webhook_url.get_secret_value()) == (self.webhook_url_file is not None):
+            raise ValueError("give exactly one of webhook_url or webhook_url_file")
+        return self
 
 
 class Settings(BaseSettings):
@@ -52,6 +84,79 @@ class Settings(BaseSettings):
     rabbitmq_exchange: str = "incidentd"
     rabbitmq_queue: str = "incidentd"
     rabbitmq_queue_type: Literal["quorum", "classic"] = "quorum"
+
+    # --- adapters: Kubernetes and AWS (docs/adapters.md) ----------------------------------------------
+    # Actions that change systems (rollout restart, scale, EC2 reboot, Lambda invoke) only log and
+    # report what they would do while this is on. Reads, the S3 archive and metrics are unaffected.
+    dry_run: bool = False
+    kubernetes_enabled: bool = False
+    # Credentials: kubernetes_host (no auth; tests and `kubectl proxy`) > kubernetes_kubeconfig >
+    # the pod's service account > ~/.kube/config.
+    kubernetes_host: str = ""
+    kubernetes_kubeconfig: Path | None = None
+    kubernetes_context: str = ""
+    kubernetes_timeout: float = Field(default=10.0, gt=0)  # seconds, per API call
+    aws_enabled: bool = False
+    aws_region: str = ""  # empty: the usual AWS chain (AWS_REGION, profile, instance metadata)
+    aws_endpoint_url: str = ""  # tests and S3-compatible stores only; empty: AWS's endpoints
+    aws_archive_bucket: str = ""  # empty: archiving fails permanently
+    aws_metric_namespace: str = "incidentd"
+    aws_timeout: float = Field(default=10.0, gt=0)  # seconds, per call including botocore's retries
+    aws_max_attempts: int = Field(default=2, ge=1, le=10)  # botocore's own attempts per call
+
+    # --- adapters: ClickHouse event lake, GitHub issues, Slack (docs/adapters-lake-github-slack.md) ---
+    clickhouse_enabled: bool = False
+    clickhouse_host: str = "127.0.0.1"
+    clickhouse_port: int = Field(default=9000, ge=1, le=65535)  # native protocol, not HTTP
+    clickhouse_database: str = "default"
+    clickhouse_user: str = "default"
+    clickhouse_password: SecretStr = SecretStr("")
+    clickhouse_password_file: Path | None = None
+    clickhouse_table: str = Field(default="incidentd_events", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    clickhouse_batch_size: int = Field(default=1000, ge=1, le=1_000_000)
+    clickhouse_flush_interval: float = Field(default=5.0, gt=0)
+    # Rows kept while ClickHouse is unreachable; past it the oldest are dropped (and counted).
+    clickhouse_buffer_limit: int = Field(default=100_000, ge=1)
+    clickhouse_max_body_bytes: int = Field(default=65_536, ge=0)
+    clickhouse_timeout: float = Field(default=10.0, gt=0)
+    clickhouse_close_timeout: float = Field(default=10.0, ge=0)
+    github_enabled: bool = False
+    github_api_url: str = "https://api.github.com"
+    github_repository: str = Field(default="", pattern=r"^$|^[\w.-]+/[\w.-]+$")  # owner/name
+    github_token: SecretStr = SecretStr("")
+    github_token_file: Path | None = None
+    github_min_severity: Literal["critical", "high", "medium", "low", "info"] = "critical"
+    github_labels: list[str] = Field(default_factory=lambda: ["incident"])
+    github_timeout: float = Field(default=10.0, gt=0)
+    slack_enabled: bool = False
+    # First match wins: [{"match": {"service": "api", "severity": ["critical", "high"]},
+    #                     "webhook_url_file": "/run/secrets/slack-api"}, ...]
+    slack_routes: list[SlackRoute] = Field(default_factory=list)
+    slack_default_webhook_url: SecretStr = SecretStr("")
+    slack_default_webhook_url_file: Path | None = None
+    slack_timeout: float = Field(default=10.0, gt=0)
+
+    @field_validator("clickhouse_buffer_limit")
+    @classmethod
+    def _buffer_holds_a_batch(cls, value: int, info: ValidationInfo) -> int:
+        if value < info.data.get("clickhouse_batch_size", 0):
+            raise ValueError("must be at least clickhouse_batch_size")
+        return value
+
+    @field_validator("github_repository")
+    @classmethod
+    def _repository_when_enabled(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("github_enabled") and not value:
+            raise ValueError("owner/name is required when github_enabled is true")
+        return value
+
+    @field_validator("github_token_file")
+    @classmethod
+    def _token_when_enabled(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        token = info.data.get("github_token")
+        if info.data.get("github_enabled") and value is None and not (token and token.get_secret_value()):
+            raise ValueError("github_token or github_token_file is required when github_enabled is true")
+        return value
 
     @field_validator("retry_backoff")
     @classmethod

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiosqlite
@@ -73,7 +73,7 @@ class SqliteDeadLetters:
                 attempts=r[5],
                 first_seen=datetime.fromisoformat(r[6]) if r[6] else None,
                 dead_lettered_at=datetime.fromisoformat(r[7]),
-            )  # fmt: skip
+            )
             for r in rows
         ]
 

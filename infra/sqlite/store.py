@@ -66,10 +66,17 @@ class _Transaction:
 
     async def add(self, incident: Incident) -> None:
         await self._db.execute(
-            "INSERT INTO incidents (id, dedup_key, status, service, created_at, doc) VALUES (?, ?, ?, ?, ?, ?)",
-            (str(incident.id), incident.dedup_key, incident.status, incident.service,
-             incident.created_at.isoformat(), incident.model_dump_json()),
-        )  # fmt: skip
+            "INSERT INTO incidents (id, dedup_key, status, service, created_at, doc)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                str(incident.id),
+                incident.dedup_key,
+                incident.status,
+                incident.service,
+                incident.created_at.isoformat(),
+                incident.model_dump_json(),
+            ),
+        )
 
     async def update(self, incident: Incident) -> None:
         await self._db.execute(

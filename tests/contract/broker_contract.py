@@ -26,7 +26,7 @@ from application.commands import Command
 from application.dispatcher import Context, Dispatcher, RetryPolicy, bind
 from application.errors import TransientError
 from application.factory import CommandFactory
-from application.messages import TYPE_ATTR, Message, Outcome
+from application.messages import TYPE_ATTR, Outcome
 from application.ports import Broker
 from application.worker import DrainReport, run_worker
 
@@ -62,7 +62,9 @@ class Ledger:
         self.effects[cmd.key] += 1
 
 
-def make_dispatcher(ledger: Ledger, outcomes: list[Outcome] | None = None, concurrency: int = 8) -> Dispatcher:
+def make_dispatcher(
+    ledger: Ledger, outcomes: list[Outcome] | None = None, concurrency: int = 8
+) -> Dispatcher:
     async def record(cmd: Record, ctx: Context) -> None:
         await ledger.handle(cmd, ctx)
 
@@ -96,9 +98,9 @@ async def eventually(condition: Callable[[], Awaitable[bool] | bool], timeout: f
 
 
 @contextlib.asynccontextmanager
-async def running(broker: Broker, dispatcher: Dispatcher, shutdown_timeout: float = 10.0) -> AsyncIterator[
-    Callable[[], Awaitable[DrainReport]]
-]:
+async def running(
+    broker: Broker, dispatcher: Dispatcher, shutdown_timeout: float = 10.0
+) -> AsyncIterator[Callable[[], Awaitable[DrainReport]]]:
     """Run a worker; the yielded ``stop()`` shuts it down (two-phase) and returns its drain report."""
     stop_event = asyncio.Event()
     task = asyncio.create_task(

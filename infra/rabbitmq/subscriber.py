@@ -90,10 +90,12 @@ class Acks:
             return
         delivery.state = _TO_ACK
         self._ready += 1
+        loop = asyncio.get_running_loop()
         if self._ready >= self._batch and self._flushing is None:
-            self._flushing = asyncio.get_running_loop().create_task(self._flush_task(stragglers=False))
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._interval, self._on_timer)
+            self._flushing = loop.create_task(self._flush_task(stragglers=False))
+        # Always a timer while anything is ready: the batch flush leaves stragglers behind a slow one.
+        if self._timer is None:
+            self._timer = loop.call_later(self._interval, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -83,7 +83,12 @@ class Acks:
         self._flushing: asyncio.Task[None] | None = None
 
     def add(self, delivery: RabbitDelivery) -> None:
-        self._window.append(delivery)
+        window = self._window
+        if window and window[-1].tag > delivery.tag:  # never seen (callbacks run in delivery order)
+            at = next(i for i, d in enumerate(window) if d.tag > delivery.tag)
+            window.insert(at, delivery)  # keep tag order: a multiple-ack must not pass an unfinished one
+            return
+        window.append(delivery)
 
     def finished(self, delivery: RabbitDelivery) -> None:
         if delivery.state is not _RUNNING:  # dropped with its dead channel; RabbitMQ redelivers it

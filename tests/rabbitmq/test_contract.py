@@ -15,9 +15,15 @@ from tests.rabbitmq.conftest import queue_depth
 
 
 class TestRabbitBroker(BrokerContract):
+    """Quorum queues (the default): attempts also come from ``x-delivery-count``."""
+
+    queue_type = "quorum"
+
     @pytest.fixture
     async def open_broker(self, settings: Settings) -> object:
-        settings = settings.model_copy(update={"retry_backoff": list(RETRY_BACKOFF)})
+        settings = settings.model_copy(
+            update={"retry_backoff": list(RETRY_BACKOFF), "rabbitmq_queue_type": self.queue_type}
+        )
 
         @contextlib.asynccontextmanager
         async def connect() -> AsyncIterator[Broker]:
@@ -33,3 +39,9 @@ class TestRabbitBroker(BrokerContract):
             return await queue_depth([broker.topology.queue, *broker.topology.retry_queues])
 
         return count
+
+
+class TestRabbitBrokerClassicQueues(TestRabbitBroker):
+    """Classic queues: no delivery count, attempts come from incidentd's own header alone."""
+
+    queue_type = "classic"

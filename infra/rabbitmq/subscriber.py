@@ -50,6 +50,8 @@ class RabbitDelivery:
         self._acks = acks
 
     async def settle(self, outcome: Outcome) -> None:
+        """RETRY / DEAD_LETTER return once the copy is confirmed; the ack itself (for every outcome) is
+        buffered and sent within the ack interval, or by ``close()``."""
         if outcome.disposition is not Disposition.ACK:
             try:
                 await self._subscriber.publish_copy(self, outcome)
@@ -91,7 +93,7 @@ class Acks:
         window.append(delivery)
 
     def finished(self, delivery: RabbitDelivery) -> None:
-        if delivery.state is not _RUNNING:  # dropped with its dead channel; RabbitMQ redelivers it
+        if delivery.state != _RUNNING:  # dropped with its dead channel; RabbitMQ redelivers it
             return
         delivery.state = _TO_ACK
         self._ready += 1
@@ -125,15 +127,15 @@ class Acks:
     async def _send_acks(self, stragglers: bool) -> None:
         window = self._window
         last: RabbitDelivery | None = None
-        while window and window[0].state is not _RUNNING:
+        while window and window[0].state != _RUNNING:
             delivery = window.popleft()
-            if delivery.state is _TO_ACK:
+            if delivery.state == _TO_ACK:
                 last = delivery
                 self._ready -= 1
         if last is not None:
             await last.incoming.ack(multiple=True)
         if stragglers and self._ready:
-            for delivery in [d for d in window if d.state is _TO_ACK]:
+            for delivery in [d for d in window if d.state == _TO_ACK]:
                 delivery.state = _SETTLED
                 self._ready -= 1
                 await delivery.incoming.ack()
@@ -141,7 +143,7 @@ class Acks:
     async def nack(self, delivery: RabbitDelivery) -> None:
         """Requeue one delivery at once (not handed over at stop, or its copy was not confirmed)."""
         async with self._lock:
-            if delivery.state is not _RUNNING:
+            if delivery.state != _RUNNING:
                 return
             delivery.state = _SETTLED
             try:

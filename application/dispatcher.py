@@ -124,12 +124,12 @@ class Dispatcher:
         pending: set[asyncio.Task[None]] = set()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-        for task in pending:
-            if task not in self._settling:  # a settle under way is never abandoned half-way
-                task.cancel()
+        cancelled = [task for task in pending if task not in self._settling]
+        for task in cancelled:  # a settle under way is never abandoned half-way: it is waited for
+            task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-        return len(pending)
+        return len(cancelled)
 
     async def _process(self, delivery: Delivery) -> None:
         message = delivery.message

@@ -213,7 +213,10 @@ def publish(ctx: click.Context, type_name: str, source: Any, attribute: tuple[st
 async def _publish(settings: Settings, body: bytes, attributes: dict[str, str]) -> str:
     async with _container(settings) as container:
         broker: Broker = await container.broker()
-        return await broker.publisher.publish(body, attributes)
+        try:
+            return await broker.publisher.publish(body, attributes)
+        except BrokerOperationError as exc:  # not confirmed: say so, exit 1
+            raise click.ClickException(str(exc)) from None
 
 
 # --- incidents and dead letters ---------------------------------------------------------------------

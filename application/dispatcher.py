@@ -100,6 +100,7 @@ class Dispatcher:
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: set[asyncio.Task[Any]] = set()
+        self._settling: set[asyncio.Task[Any]] = set()
         self._draining = False
 
     @property
@@ -123,11 +124,12 @@ class Dispatcher:
         pending: set[asyncio.Task[None]] = set()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-        for task in pending:
+        cancelled = [task for task in pending if task not in self._settling]
+        for task in cancelled:  # a settle under way is never abandoned half-way: it is waited for
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-        return len(pending)
+        return len(cancelled)
 
     async def _process(self, delivery: Delivery) -> None:
         message = delivery.message
@@ -215,13 +217,16 @@ class Dispatcher:
         return Outcome.retry(delay, error, error=error_type)
 
     async def _finish(self, delivery: Delivery, outcome: Outcome, command_type: str, started: float) -> None:
-        """Settle, and never abandon a settle half-way: a cancellation waits for the broker's answer."""
-        settling = asyncio.ensure_future(self._settle(delivery, outcome, command_type, started))
+        """Settle, and never abandon a settle half-way: :meth:`drain` (the only one that cancels these
+        tasks) does not cancel a task that is settling, it waits for it. This protects the settle like
+        ``asyncio.shield`` would, without a second task per message."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._settling.add(task)
         try:
-            await asyncio.shield(settling)
-        except asyncio.CancelledError:
-            await settling
-            raise
+            await self._settle(delivery, outcome, command_type, started)
+        finally:
+            self._settling.discard(task)
 
     async def _settle(self, delivery: Delivery, outcome: Outcome, command_type: str, started: float) -> None:
         try:

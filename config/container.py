@@ -108,6 +108,13 @@ async def memory_broker(settings: Settings) -> AsyncIterator[Broker]:
         await broker.close()
 
 
+async def rabbitmq_broker(settings: Settings) -> AsyncIterator[Broker]:
+    from infra.rabbitmq import open_broker
+
+    async with open_broker(settings) as broker:
+        yield broker
+
+
 # --- adapters: Kubernetes and AWS (created only when enabled; handlers get None otherwise) -----------
 
 
@@ -248,6 +255,7 @@ class Container(containers.DeclarativeContainer):
     broker = providers.Selector(
         settings.provided.broker,
         memory=providers.Resource(memory_broker, settings),
+        rabbitmq=providers.Resource(rabbitmq_broker, settings),
     )
     policy = providers.Singleton(
         IncidentPolicy,

@@ -85,6 +85,14 @@ class Settings(BaseSettings):
     postgres_pool_min: int = Field(default=2, ge=1, le=100)
     postgres_pool_max: int = Field(default=10, ge=1, le=100)
 
+    # --- rabbitmq (infra/rabbitmq; docs/rabbitmq.md) ------------------------------------------------
+    # Prefetch is derived, not set: 2 x concurrency (capped at 65535), so a slot that frees up finds
+    # the next delivery already in the process while the broker sends more.
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    rabbitmq_exchange: str = "incidentd"
+    rabbitmq_queue: str = "incidentd"
+    rabbitmq_queue_type: Literal["quorum", "classic"] = "quorum"
+
     # --- adapters: Kubernetes and AWS (docs/adapters.md) ----------------------------------------------
     # Actions that change systems (rollout restart, scale, EC2 reboot, Lambda invoke) only log and
     # report what they would do while this is on. Reads, the S3 archive and metrics are unaffected.

@@ -1,0 +1,64 @@
+"""One robust connection to RabbitMQ and the subscriber, publisher and dead-letter queue over it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import structlog
+
+from infra.rabbitmq.dlq import RabbitDeadLetters
+from infra.rabbitmq.publisher import RabbitPublisher
+from infra.rabbitmq.subscriber import RabbitSubscriber
+from infra.rabbitmq.topology import Topology, declare, prefetch_for
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+
+    from config.settings import Settings
+
+log = structlog.get_logger("incidentd.rabbitmq")
+
+
+class RabbitBroker:
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        publish_channel: AbstractChannel,
+        exchange: AbstractExchange,
+        topology: Topology,
+        prefetch: int,
+    ) -> None:
+        self.connection = connection
+        self.topology = topology
+        self._publish_channel = publish_channel
+        self.subscriber = RabbitSubscriber(connection, topology, publish_channel, prefetch=prefetch)
+        self.publisher = RabbitPublisher(exchange)
+        self.dead_letters = RabbitDeadLetters(connection, topology)
+
+    async def setup(self) -> None:
+        """Declare the exchange, main, retry and dead-letter queues (idempotent)."""
+        await declare(self._publish_channel, self.topology)
+        log.info("rabbitmq.topology_declared", exchange=self.topology.exchange, queue=self.topology.queue,
+                 retry_queues=self.topology.retry_queues, dlq=self.topology.dlq)  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def open_broker(settings: Settings, *, prefetch: int | None = None) -> AsyncIterator[RabbitBroker]:
+    """Connect (robustly: lost connections are re-established and consumers restored) and yield the broker;
+    close the connection on exit."""
+    import aio_pika
+
+    topology = Topology.from_settings(settings)
+    connection = await aio_pika.connect_robust(
+        settings.rabbitmq_url, client_properties={"connection_name": "incidentd"}
+    )
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await channel.get_exchange(topology.exchange, ensure=False)
+        yield RabbitBroker(
+            connection, channel, exchange, topology, prefetch or prefetch_for(settings.concurrency)
+        )
+    finally:
+        await connection.close()

@@ -1,0 +1,107 @@
+"""The exchange and queues incidentd uses on RabbitMQ, declared idempotently.
+
+::
+
+    publishers --(routing key = message type)--> exchange <E> (topic, durable)
+                                                   | binding "#"
+                                                   v
+        +------------------------------------> queue <Q> (quorum by default) --> worker
+        |                                          ^
+        | TTL expires: dead-lettered back          | RETRY with delay <= 0 (shutdown hand-back)
+        |                                          | goes straight to <Q>
+    <Q>.retry.<ms>ms (one per delay in retry_backoff; message TTL = the delay)
+        ^
+        | RETRY with delay d: the smallest retry queue >= d, else the largest
+      worker --DEAD_LETTER--> <Q>.dlq (no consumer; `dlq list|replay|purge`)
+
+Retries and dead letters travel through the default exchange straight to their queue, so a RETRY never
+reaches other queues bound to the main exchange. Re-declaring with the same arguments is a no-op; a
+change of ``rabbitmq_queue_type`` for an existing queue is refused by RabbitMQ (PRECONDITION_FAILED), and
+a changed ``retry_backoff`` adds new retry queues (old, empty ones can be deleted by hand).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+    from config.settings import Settings
+
+# AMQP's prefetch-count is a 16-bit field.
+MAX_PREFETCH = 65_535
+
+
+@dataclass(frozen=True)
+class Topology:
+    exchange: str
+    queue: str
+    queue_type: str = "quorum"
+    retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Topology:
+        delays = tuple(sorted({d for d in settings.retry_backoff if d > 0}))
+        return cls(settings.rabbitmq_exchange, settings.rabbitmq_queue, settings.rabbitmq_queue_type, delays)
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.queue}.dlq"
+
+    def retry_queue(self, delay: float) -> str:
+        return f"{self.queue}.retry.{round(delay * 1000)}ms"
+
+    @property
+    def retry_queues(self) -> list[str]:
+        return [self.retry_queue(d) for d in self.retry_delays]
+
+    def retry_target(self, delay: float) -> str:
+        """The queue a RETRY with this delay is published to: a redelivery no sooner than ``delay``
+        where the schedule allows, never later than the longest configured delay."""
+        if delay <= 0 or not self.retry_delays:
+            return self.queue
+        return next(
+            (self.retry_queue(d) for d in self.retry_delays if d >= delay),
+            self.retry_queue(self.retry_delays[-1]),
+        )
+
+    def main_arguments(self) -> dict[str, Any]:
+        return {"x-queue-type": self.queue_type}
+
+    def retry_arguments(self, delay: float) -> dict[str, Any]:
+        arguments: dict[str, Any] = {
+            "x-queue-type": self.queue_type,
+            "x-message-ttl": round(delay * 1000),
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self.queue,
+        }
+        if self.queue_type == "quorum":
+            # Quorum queues dead-letter at-most-once unless told otherwise; a retry must not vanish.
+            arguments |= {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+        return arguments
+
+
+def prefetch_for(concurrency: int) -> int:
+    """Two deliveries per handler slot: the next one is already here when a slot frees up."""
+    return min(2 * concurrency, MAX_PREFETCH)
+
+
+async def declare(channel: AbstractChannel, topology: Topology) -> tuple[AbstractExchange, AbstractQueue]:
+    """Declare everything (idempotent); return the main exchange and queue."""
+    import aio_pika
+
+    exchange = await channel.declare_exchange(topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    queue = await declare_main_queue(channel, topology)
+    await queue.bind(exchange, routing_key="#")
+    for delay in topology.retry_delays:
+        await channel.declare_queue(
+            topology.retry_queue(delay), durable=True, arguments=topology.retry_arguments(delay)
+        )
+    await channel.declare_queue(topology.dlq, durable=True, arguments=topology.main_arguments())
+    return exchange, queue
+
+
+async def declare_main_queue(channel: AbstractChannel, topology: Topology) -> AbstractQueue:
+    return await channel.declare_queue(topology.queue, durable=True, arguments=topology.main_arguments())

@@ -1,0 +1,211 @@
+"""RabbitMQ consumer benchmark: (A) plain aio-pika vs (B) the incidentd worker path.
+
+    /work/venv/bin/python tests/bench/rabbitmq_bench.py [--messages 50000] [--rounds 3]
+
+Alternates A B A B A B. Before each run the parent fills a fresh quorum queue (declared by incidentd's
+topology) with N JSON messages of about 300 bytes; the run itself is a subprocess that only consumes, so
+its CPU time and peak RSS are its own. Both sides use prefetch 256.
+
+(A) ``queue.consume`` with a callback doing ``json.loads`` and ``await message.ack()`` per message.
+(B) ``RabbitSubscriber`` + ``Dispatcher`` + ``run_worker`` (coalesced acks, factory decode into a pydantic
+    command, semaphore, timeout, outcome log call) with a no-op handler; concurrency 128, so the
+    derived prefetch is 256. The process imports ``app`` (the CLI) first, so its RSS is a real worker's.
+    Log level ``warning`` (the per-message ``message.acked`` line is filtered); ``--log-level info``
+    measures with the line written (to /dev/null).
+
+Prints msgs/s (median), CPU seconds per 10k messages (median), peak RSS (max), and B/A.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+URL = os.environ.get("INCIDENTD_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+PREFETCH = 256
+TYPE = "bench.noop"
+DEVNULL = open(os.devnull, "w")  # noqa: SIM115 - the B side's log stream, for the life of the process
+
+
+def body(i: int) -> bytes:
+    doc = {"seq": i, "service": "checkout", "severity": "high", "summary": "p99 latency above SLO " * 6}
+    raw = json.dumps(doc).encode()
+    return raw + b" " * max(0, 300 - len(raw))
+
+
+async def fill(queue_name: str, count: int) -> None:
+    import aio_pika
+
+    from infra.rabbitmq.topology import Topology, declare
+
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await declare(channel, Topology(queue_name, queue_name, "quorum", ()))
+        for start in range(0, count, 1000):
+            await asyncio.gather(
+                *(
+                    channel.default_exchange.publish(
+                        aio_pika.Message(body(i), headers={"type": TYPE}, message_id=str(i)),
+                        routing_key=queue_name,
+                    )
+                    for i in range(start, min(count, start + 1000))
+                )
+            )
+
+
+async def drop(queue_name: str) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(queue_name)
+        await channel.queue_delete(f"{queue_name}.dlq")
+        await channel.exchange_delete(queue_name)
+
+
+# --- the two sides (run in a subprocess each) -----------------------------------------------------------
+
+
+async def side_a(queue_name: str, count: int) -> tuple[float, float]:
+    import aio_pika
+
+    connection = await aio_pika.connect_robust(URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=PREFETCH)
+        queue = await channel.get_queue(queue_name, ensure=False)
+        done = asyncio.Event()
+        seen = 0
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal seen
+            json.loads(message.body)
+            await message.ack()
+            seen += 1
+            if seen == count:
+                done.set()
+
+        started, cpu = time.perf_counter(), time.process_time()
+        await queue.consume(on_message)
+        await done.wait()
+        return time.perf_counter() - started, time.process_time() - cpu
+
+
+async def side_b(queue_name: str, count: int, log_level: str) -> tuple[float, float]:
+    import app  # noqa: F401  - the worker's whole import footprint, for an honest RSS
+    from application.commands import Command
+    from application.dispatcher import Context, Dispatcher, bind
+    from application.factory import CommandFactory
+    from application.worker import run_worker
+    from common.logging import configure_logging
+    from config.settings import load
+    from infra.rabbitmq import open_broker
+
+    class Noop(Command):
+        TYPE = TYPE
+        model_config = {"frozen": True, "extra": "allow"}
+        seq: int
+
+    async def noop(cmd: Noop, ctx: Context) -> None:
+        return None
+
+    configure_logging(level=log_level, stream=DEVNULL)
+    stop = asyncio.Event()
+    seen = 0
+
+    def observe(*_: object) -> None:
+        nonlocal seen
+        seen += 1
+        if seen == count:
+            stop.set()
+
+    settings = load(
+        rabbitmq_url=URL, rabbitmq_exchange=queue_name, rabbitmq_queue=queue_name, concurrency=128
+    )
+    dispatcher = Dispatcher(
+        CommandFactory([Noop]), bind({Noop: [noop]}, {}), concurrency=128, timeout=10, observers=[observe]
+    )
+    async with open_broker(settings) as broker:
+        started, cpu = time.perf_counter(), time.process_time()
+        await run_worker(broker.subscriber, dispatcher, stop=stop, shutdown_timeout=10)
+        return time.perf_counter() - started, time.process_time() - cpu
+
+
+def child(side: str, queue_name: str, count: int, log_level: str) -> None:
+    """Consume; CPU and wall time cover the consumption only (not imports or connecting)."""
+    if side == "A":
+        seconds, cpu = asyncio.run(side_a(queue_name, count))
+    else:
+        seconds, cpu = asyncio.run(side_b(queue_name, count, log_level))
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"rate": count / seconds, "cpu_per_10k": cpu / count * 10_000, "rss_mb": rss_mb}))
+
+
+# --- the parent -----------------------------------------------------------------------------------------
+
+
+def run(side: str, count: int, log_level: str) -> dict[str, float]:
+    queue_name = f"incidentd-bench-{uuid.uuid4().hex[:8]}"
+    asyncio.run(fill(queue_name, count))
+    try:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", side, "--queue", queue_name, "--messages", str(count),
+             "--log-level", log_level],
+            capture_output=True, text=True, cwd=ROOT, timeout=600,
+        )  # fmt: skip
+        if out.returncode:
+            sys.exit(f"side {side} failed:\n{out.stderr[-3000:]}")
+    finally:
+        asyncio.run(drop(queue_name))
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    rate, cpu, rss = result["rate"], result["cpu_per_10k"], result["rss_mb"]
+    print(f"  {side}: {rate:8.0f} msg/s  {cpu:.2f} CPU s/10k  {rss:.1f} MB", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--child")
+    parser.add_argument("--queue")
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.queue, args.messages, args.log_level)
+        return
+    results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+    for round_ in range(1, args.rounds + 1):
+        print(f"round {round_}", flush=True)
+        for side in ("A", "B"):
+            results[side].append(run(side, args.messages, args.log_level))
+    print(
+        f"\n{args.messages} messages x {args.rounds} rounds, prefetch {PREFETCH}, B logs at {args.log_level}"
+    )
+    print("| side | msgs/s (median) | CPU s / 10k (median) | peak RSS MB (max) |")
+    print("| --- | ---: | ---: | ---: |")
+    medians = {}
+    for side, label in (("A", "A plain aio-pika"), ("B", "B incidentd worker")):
+        rate = statistics.median(r["rate"] for r in results[side])
+        cpu = statistics.median(r["cpu_per_10k"] for r in results[side])
+        rss = max(r["rss_mb"] for r in results[side])
+        medians[side] = rate
+        print(f"| {label} | {rate:,.0f} | {cpu:.2f} | {rss:.1f} |")
+    print(f"\nB/A = {medians['B'] / medians['A']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

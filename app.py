@@ -135,6 +135,7 @@ async def _start_ops(
         on_lag=metrics.loop_lag.set,
     )
     await server.start()
+    await container.incident_gauge()  # refreshes incidents-active from the store while the worker runs
     return server
 
 

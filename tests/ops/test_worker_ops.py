@@ -113,7 +113,8 @@ def free_port() -> int:
 
 
 async def test_app_worker_serves_probes_and_exits_0_on_sigterm(tmp_path: Path) -> None:
-    """`python app.py worker` answers /readyz and /metrics on the ops port and exits 0 on SIGTERM."""
+    """`python app.py worker` answers /readyz and /metrics on the ops port (including the incidents
+    already in the store) and exits 0 on SIGTERM."""
     port = free_port()
     env = {
         **os.environ,
@@ -122,6 +123,11 @@ async def test_app_worker_serves_probes_and_exits_0_on_sigterm(tmp_path: Path) -
         "INCIDENTD_SQLITE_PATH": str(tmp_path / "incidentd.db"),
         "INCIDENTD_SHUTDOWN_TIMEOUT": "5",
     }
+    seed = await asyncio.create_subprocess_exec(
+        sys.executable, "app.py", "worker", "--from", "examples/events.jsonl", cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert await seed.wait() == 0
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "app.py", "worker", cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE
     )
@@ -142,6 +148,10 @@ async def test_app_worker_serves_probes_and_exits_0_on_sigterm(tmp_path: Path) -
                 sample(metrics_text, "incidentd_messages_total", command_type=command_type, outcome="ack")
                 == 0
             )
+        # examples/events.jsonl leaves the checkout alert on fingerprint d2e1… unresolved.
+        assert (
+            sample(metrics_text, "incidentd_incidents_active", severity="critical", service="checkout") == 1
+        )
         proc.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(proc.communicate(), 20)
     finally:

@@ -135,7 +135,8 @@ async def _start_ops(
         on_lag=metrics.loop_lag.set,
     )
     await server.start()
-    await container.incident_gauge()  # refreshes incidents-active from the store while the worker runs
+    # Refreshes incidents-active from the store while the worker runs (an async Resource: awaitable).
+    await container.incident_gauge()  # type: ignore[misc]
     return server
 
 

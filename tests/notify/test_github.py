@@ -14,7 +14,7 @@ from application.incidents import Incident
 from application.ports import ISSUE_LINK, ISSUE_URL_LINK
 from config.settings import load
 from infra.github import GitHubIssues, from_settings
-from tests.notify.conftest import REPO, TOKEN, GitHub, unused_port
+from tests.standins.chat import REPO, TOKEN, GitHub, unused_port
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 

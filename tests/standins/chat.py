@@ -1,4 +1,5 @@
-"""Local stand-ins for GitHub's REST API and Slack's incoming webhooks (aiohttp on 127.0.0.1, port 0).
+"""Local stand-ins for GitHub's REST API and Slack's incoming webhooks (aiohttp on 127.0.0.1, port 0);
+the ``github`` and ``slack`` fixtures (tests/notify and the end-to-end test).
 
 They record every request and answer the way the real services do for the calls incidentd makes,
 including their error shapes; ``fail_next`` makes the next request fail like the real service would.
@@ -65,7 +66,8 @@ class StandIn:
 
 
 class GitHub(StandIn):
-    """The issues endpoints of api.github.com: create, comment, update; token auth; unknown repo -> 404."""
+    """The issues endpoints of api.github.com: create, list, comment, update; token auth; unknown repo ->
+    404. The list filters by state and labels (all must be on the issue) like GitHub's, newest first."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,6 +77,7 @@ class GitHub(StandIn):
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/repos/{owner}/{repo}/issues", self.create)
+        app.router.add_get("/repos/{owner}/{repo}/issues", self.list)
         app.router.add_post("/repos/{owner}/{repo}/issues/{number}/comments", self.comment)
         app.router.add_patch("/repos/{owner}/{repo}/issues/{number}", self.update)
         return app
@@ -115,6 +118,19 @@ class GitHub(StandIn):
         }
         self.issues[number] = issue
         return web.json_response(issue, status=201)
+
+    async def list(self, request: web.Request) -> web.Response:
+        if (rejected := await self._check(request)) is not None:
+            return rejected
+        state = request.query.get("state", "open")
+        wanted = {name for name in request.query.get("labels", "").split(",") if name}
+        per_page = int(request.query.get("per_page", "30"))
+        found = [
+            issue
+            for issue in sorted(self.issues.values(), key=lambda i: i["number"], reverse=True)
+            if state in ("all", issue["state"]) and wanted <= {label["name"] for label in issue["labels"]}
+        ]
+        return web.json_response(found[:per_page])
 
     async def comment(self, request: web.Request) -> web.Response:
         if (rejected := await self._check(request)) is not None:

@@ -151,3 +151,39 @@ def test_settings_refuse_a_rule_whose_adapter_is_off_unless_dry_run() -> None:
     assert load(action_rules=[rule], kubernetes_enabled=True).action_rules[0].action == "restart"
     with pytest.raises(SettingsError, match="rule names must be unique"):
         load(action_rules=[{**rule, "name": "x"}, {**rule, "name": "x"}], dry_run=True)
+
+
+class RecordingCloud:
+    """A Cloud fake for the two AWS actions."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    async def reboot_instances(self, instance_ids: Any) -> ActionResult:
+        self.calls.append(("reboot", list(instance_ids)))
+        return ActionResult("reboot", f"ec2 {','.join(instance_ids)}")
+
+    async def invoke_lambda(self, function: str, payload: Any) -> ActionResult:
+        self.calls.append(("lambda", function, dict(payload)))
+        return ActionResult("invoke", f"lambda {function}", "queued")
+
+
+async def test_aws_actions_reboot_the_instances_the_labels_name_and_invoke_the_rules_function() -> None:
+    """ec2_reboot takes its instances from the instance_id label (comma-separated); lambda_invoke sends
+    the rule's function the incident (id, title, service, severity, ...) and the rule's name."""
+    cloud = RecordingCloud()
+    runner = rules(
+        {"name": "reboot", "labels": {"incidentd_action": "reboot"}, "action": "ec2_reboot"},
+        {"name": "page-bot", "labels": {"incidentd_action": "reboot"}, "action": "lambda_invoke",
+         "function": "ops-bot"},
+        cloud=cloud,
+    )  # fmt: skip
+    reboot, invoke = runner.plan(
+        ActionTrigger("opened", {"incidentd_action": "reboot", "instance_id": "i-2, i-1"})
+    )
+    subject = incident()
+    assert await runner.run(reboot, subject) == "reboot ec2 i-1,i-2"
+    assert await runner.run(invoke, subject) == "invoke lambda ops-bot: queued"
+    [(_, ids), (_, function, payload)] = cloud.calls
+    assert (ids, function, payload["rule"]) == (["i-1", "i-2"], "ops-bot", "page-bot")
+    assert payload["incident"]["id"] == str(subject.id) and payload["incident"]["status"] == "open"

@@ -33,6 +33,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     json: Any
+    query: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,7 +55,9 @@ class StandIn:
 
     async def _record(self, request: web.Request) -> web.Response | None:
         payload = await request.json() if request.can_read_body else None
-        self.requests.append(Recorded(request.method, request.path, dict(request.headers), payload))
+        self.requests.append(
+            Recorded(request.method, request.path, dict(request.headers), payload, dict(request.query))
+        )
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.failures:

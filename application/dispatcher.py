@@ -165,7 +165,10 @@ class Dispatcher:
         finally:
             self._waiting.discard(task)
         try:
-            context = Context(message.message_id, message.idempotency_key, message.attempt)
+            # A message without a broker id is named by its idempotency key (a body digest), so that the
+            # timeline entries it records can be found again on its redelivery (application/side_effects.py).
+            message_id = message.message_id or message.idempotency_key
+            context = Context(message_id, message.idempotency_key, message.attempt)
             timeout = self._timeouts.get(command.TYPE, self._timeout)
             return await self._attempt(command, context, timeout)
         finally:

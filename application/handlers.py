@@ -4,6 +4,10 @@ Each handler makes its changes inside one store transaction keyed by the message
 redelivered message changes nothing the second time. Every source reduces to the same few events on a
 dedup key - *fired*, *resolved*, *acknowledged*... at the event's own time - and the rules for those
 live in the entity (application/incidents.py); :class:`_Work` only finds the incident an event is for.
+
+After the store handler, the same list runs the side effects (Kubernetes enrichment, action rules,
+GitHub, Slack) outside its transaction: see application/side_effects.py for the order and why it is
+redelivery-safe.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from application.incidents import (
     correlation_group,
     normalise_severity,
 )
-from application.ports import ActionRunner, IncidentStore, Transaction
+from application.ports import ActionRunner, Cluster, IncidentStore, IssueTracker, Notifier, Transaction
+from application.side_effects import Touched, enrich, follow_up
 
 log = structlog.get_logger("incidentd.handlers")
 
@@ -134,7 +139,7 @@ async def alertmanager_webhook(
         if tx.already_processed:
             return
         work = _Work(tx, ctx, policy)
-        alerts = [(f"alertmanager:{a.fingerprint}", a, {**cmd.common_labels, **a.labels}) for a in cmd.alerts]
+        alerts = [(_alert_key(a), a, {**cmd.common_labels, **a.labels}) for a in cmd.alerts]
         scopes = {_scope(labels, policy) for _, _, labels in alerts}
         await work.load([key for key, _, _ in alerts], scopes)
         for key, alert, labels in alerts:
@@ -144,6 +149,10 @@ async def alertmanager_webhook(
             else:
                 ended = _real_time(alert.ends_at) or alert.starts_at
                 await work.resolve(key, ended, "alertmanager", fields, started=alert.starts_at)
+
+
+def _alert_key(alert: Alert) -> str:
+    return f"alertmanager:{alert.fingerprint}"
 
 
 def _scope(labels: dict[str, str], policy: IncidentPolicy) -> tuple[str, str]:
@@ -179,16 +188,17 @@ def _real_time(value: datetime | None) -> datetime | None:
 
 
 async def opsgenie_action(
-    cmd: OpsgenieAction, ctx: Context, store: IncidentStore, policy: IncidentPolicy, actions: ActionRunner
+    cmd: OpsgenieAction, ctx: Context, store: IncidentStore, policy: IncidentPolicy
 ) -> None:
     """OEC actions become transitions of the incident matched by the alert's alias (else its alertId).
 
     An action that arrives before its Create opens the incident from the payload (OEC sends the whole
     alert, with its ``createdAt``) instead of retrying: the Create may never come (OEC forwards only the
-    actions it is configured for), and the entity's time rules make a late Create harmless.
+    actions it is configured for), and the entity's time rules make a late Create harmless. A custom
+    action (``restartDeployment``) is recorded here; the action rules answer it after the commit.
     """
     alert = cmd.alert
-    key = f"opsgenie:{alert.alias or alert.alert_id}"
+    key = _oec_key(cmd)
     created = _epoch_ms(alert.created_at)
     at = _epoch_ns(alert.updated_at) if alert.updated_at else created
     actor = alert.username or "opsgenie"
@@ -211,13 +221,15 @@ async def opsgenie_action(
         if not known:
             await work.fire(key, created, actor, fields, note=f"opened from {cmd.action}; no Create seen")
         incident = work.latest[key]
-        await _apply_oec(cmd, incident, at, actor, ctx, actions)
+        _apply_oec(cmd, incident, at, actor, ctx)
         await tx.update(incident)
 
 
-async def _apply_oec(
-    cmd: OpsgenieAction, incident: Incident, at: datetime, actor: str, ctx: Context, actions: ActionRunner
-) -> None:
+def _oec_key(cmd: OpsgenieAction) -> str:
+    return f"opsgenie:{cmd.alert.alias or cmd.alert.alert_id}"
+
+
+def _apply_oec(cmd: OpsgenieAction, incident: Incident, at: datetime, actor: str, ctx: Context) -> None:
     alert, mid = cmd.alert, ctx.message_id
     if cmd.action == "Acknowledge":
         incident.acknowledge(at=at, actor=actor, message_id=mid, note=alert.note)
@@ -232,9 +244,7 @@ async def _apply_oec(
     elif cmd.action == "TakeOwnership":
         incident.assign(owner=actor, at=at, actor=actor, message_id=mid)
     else:
-        result = await actions.run(cmd.action, incident, cmd.model_dump(mode="json", by_alias=True))
-        note = result if result is not None else "no runner for this action; recorded only"
-        incident.record_action(action=cmd.action, at=at, actor=actor, message_id=mid, note=note)
+        incident.record_action(action=cmd.action, at=at, actor=actor, message_id=mid, note=alert.note)
 
 
 def _oec_fields(cmd: OpsgenieAction) -> Fields:
@@ -272,7 +282,7 @@ async def aws_event(cmd: AwsEvent, ctx: Context, store: IncidentStore, policy: I
 
 
 async def _health(cmd: AwsEvent, detail: HealthDetail, work: _Work) -> None:
-    key = f"aws.health:{detail.event_arn}"
+    key = _health_key(detail)
     await work.load([key], [(detail.service, cmd.account)])
     description = detail.event_description[0].get("latestDescription", "") if detail.event_description else ""
     fields = {
@@ -291,6 +301,14 @@ async def _health(cmd: AwsEvent, detail: HealthDetail, work: _Work) -> None:
         await work.fire(key, cmd.time, "aws.health", fields)
 
 
+def _health_key(detail: HealthDetail) -> str:
+    return f"aws.health:{detail.event_arn}"
+
+
+def _finding_key(finding: Finding) -> str:
+    return f"aws.securityhub:{finding.id}"
+
+
 def _finding_closed(finding: Finding) -> bool:
     """Workflow RESOLVED or SUPPRESSED resolves, and so does an ARCHIVED record (the control is gone)."""
     workflow = finding.workflow.status if finding.workflow is not None else ""
@@ -298,7 +316,7 @@ def _finding_closed(finding: Finding) -> bool:
 
 
 async def _findings(cmd: AwsEvent, detail: SecurityHubDetail, work: _Work) -> None:
-    keyed = [(f"aws.securityhub:{f.id}", f) for f in detail.findings]
+    keyed = [(_finding_key(f), f) for f in detail.findings]
     await work.load(
         [k for k, _ in keyed], {("securityhub", f.aws_account_id or cmd.account) for _, f in keyed}
     )
@@ -325,7 +343,7 @@ async def _findings(cmd: AwsEvent, detail: SecurityHubDetail, work: _Work) -> No
 async def create_incident(
     cmd: CreateIncident, ctx: Context, store: IncidentStore, policy: IncidentPolicy
 ) -> None:
-    key = cmd.dedup_key or f"manual:{ctx.idempotency_key}"
+    key = _manual_key(cmd, ctx)
     fields = {
         "title": cmd.title, "service": cmd.service, "environment": cmd.environment, "severity": cmd.severity,
         "source": "manual", "runbook_url": cmd.runbook_url,
@@ -337,6 +355,10 @@ async def create_incident(
         work = _Work(tx, ctx, policy)
         await work.load([key], [(cmd.service, cmd.environment)])
         await work.fire(key, cmd.at, cmd.actor, fields)
+
+
+def _manual_key(cmd: CreateIncident, ctx: Context) -> str:
+    return cmd.dedup_key or f"manual:{ctx.idempotency_key}"
 
 
 async def acknowledge_incident(cmd: AcknowledgeIncident, ctx: Context, store: IncidentStore) -> None:
@@ -393,12 +415,69 @@ def _iso(value: str) -> datetime | None:
         return None
 
 
+# --- side effects, after the store handler (application/side_effects.py) -----------------------------
+
+
+async def enrich_from_cluster(
+    cmd: AlertmanagerWebhook,
+    ctx: Context,
+    store: IncidentStore,
+    policy: IncidentPolicy,
+    cluster: Cluster | None,
+) -> None:
+    """Firing alerts that name a Deployment get its state on their incident, or that it is missing."""
+    if cluster is None:
+        return
+    targets: dict[str, tuple[str, str]] = {}
+    for alert in cmd.alerts:
+        workload = policy.workload({**cmd.common_labels, **alert.labels})
+        if alert.status == "firing" and workload is not None:
+            targets[_alert_key(alert)] = workload
+    if targets:
+        await enrich(targets, ctx, store, cluster)
+
+
+async def after_commit(
+    cmd: Command,
+    ctx: Context,
+    store: IncidentStore,
+    actions: ActionRunner,
+    issue_tracker: IssueTracker | None,
+    notifier: Notifier | None,
+) -> None:
+    """Action rules, the GitHub issue and Slack for the incidents the store handler changed."""
+    await follow_up(_touched(cmd, ctx), ctx, store, actions=actions, tracker=issue_tracker, notifier=notifier)
+
+
+def _touched(cmd: Command, ctx: Context) -> list[Touched]:
+    """The incidents a command's store handler changes, and what action rules may answer there."""
+    if isinstance(cmd, AlertmanagerWebhook):
+        return [
+            Touched(_alert_key(a), trigger="opened" if a.status == "firing" else "",
+                    labels={**cmd.common_labels, **a.labels})
+            for a in cmd.alerts
+        ]  # fmt: skip
+    if isinstance(cmd, OpsgenieAction):
+        return [Touched(_oec_key(cmd), trigger=cmd.action, labels=cmd.alert.details)]
+    if isinstance(cmd, AwsEvent):
+        if isinstance(cmd.detail, HealthDetail):
+            return [Touched(_health_key(cmd.detail))]
+        if isinstance(cmd.detail, SecurityHubDetail):
+            return [Touched(_finding_key(f)) for f in cmd.detail.findings]
+        return []
+    if isinstance(cmd, CreateIncident):
+        return [Touched(_manual_key(cmd, ctx))]
+    if isinstance(cmd, IncidentRef):
+        return [Touched(cmd.dedup_key if cmd.incident_id is None else "", cmd.incident_id)]
+    return []
+
+
 HANDLERS: dict[type[Command], Sequence[Handler]] = {
-    AlertmanagerWebhook: [alertmanager_webhook],
-    OpsgenieAction: [opsgenie_action],
-    AwsEvent: [aws_event],
-    CreateIncident: [create_incident],
-    AcknowledgeIncident: [acknowledge_incident],
-    ResolveIncident: [resolve_incident],
-    AddNote: [add_note],
+    AlertmanagerWebhook: [alertmanager_webhook, enrich_from_cluster, after_commit],
+    OpsgenieAction: [opsgenie_action, after_commit],
+    AwsEvent: [aws_event, after_commit],
+    CreateIncident: [create_incident, after_commit],
+    AcknowledgeIncident: [acknowledge_incident, after_commit],
+    ResolveIncident: [resolve_incident, after_commit],
+    AddNote: [add_note, after_commit],
 }

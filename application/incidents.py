@@ -25,7 +25,7 @@ its own times, acknowledgement and metrics. The successor remembers the resoluti
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -49,6 +49,7 @@ class TimelineEntry(BaseModel):
     at: datetime
     # opened | occurrence | acknowledged | unacknowledged | resolved (these replay into the status)
     # assigned | note | action (recorded only)
+    # enriched | action by "incidentd" (facts: what incidentd found out or did; see record_fact)
     kind: str
     actor: str = ""
     note: str = ""
@@ -80,6 +81,9 @@ class Incident(BaseModel):
     follows: datetime | None = None
     predecessor: UUID | None = None
     links: dict[str, str] = Field(default_factory=dict)  # e.g. {"github_issue": "42"}
+    # What adapters found out about the incident, by source, e.g. {"kubernetes": {"ready_replicas": 2, ...,
+    # "summary": "Deployment shop/checkout: 2/3 ready, ..."}}; see application/side_effects.py.
+    enrichment: dict[str, dict[str, Any]] = Field(default_factory=dict)
     timeline: list[TimelineEntry] = Field(default_factory=list)
 
     @classmethod
@@ -153,6 +157,26 @@ class Incident(BaseModel):
     ) -> None:
         """An action incidentd has no transition for (e.g. an OEC custom action): kept on the timeline."""
         self._record(at, "action", actor, message_id, f"{action}: {note}" if note else action)
+
+    def record_fact(self, *, kind: str, actor: str, note: str, at: datetime, message_id: str) -> None:
+        """What incidentd found out (``enriched``) or did (an action result): on the timeline, but not an
+        event - it moves neither the status nor ``last_event_at``, which correlation windows use."""
+        self.timeline.append(
+            TimelineEntry(at=at, kind=kind, actor=actor, note=note, status=self.status, message_id=message_id)
+        )
+
+    def enrich(self, source: str, facts: dict[str, Any], *, at: datetime, message_id: str) -> None:
+        """Keep the latest ``facts`` from ``source``; the timeline gets their ``summary`` when it changed."""
+        before = self.enrichment.get(source, {}).get("summary")
+        self.enrichment[source] = facts
+        if facts.get("summary") != before:
+            self.record_fact(
+                kind="enriched",
+                actor=source,
+                note=str(facts.get("summary", "")),
+                at=at,
+                message_id=message_id,
+            )
 
     def _record(self, at: datetime, kind: str, actor: str, message_id: str, note: str = "") -> None:
         self.last_event_at = max(self.last_event_at, at)
@@ -241,9 +265,17 @@ class IncidentPolicy(BaseModel):
     environment_labels: tuple[str, ...] = ("environment", "env")
     severity_label: str = "severity"
     correlation_window: float = 300.0  # seconds
+    # Labels (OEC: alert details) naming the Kubernetes Namespace and Deployment an alert is about.
+    namespace_labels: tuple[str, ...] = ("namespace",)
+    deployment_labels: tuple[str, ...] = ("deployment",)
 
-    def pick(self, labels: dict[str, str], names: tuple[str, ...]) -> str:
+    def pick(self, labels: Mapping[str, str], names: tuple[str, ...]) -> str:
         return next((labels[n] for n in names if labels.get(n)), "")
+
+    def workload(self, labels: Mapping[str, str]) -> tuple[str, str] | None:
+        """The (namespace, deployment) the labels name, or None unless they name both."""
+        namespace, name = self.pick(labels, self.namespace_labels), self.pick(labels, self.deployment_labels)
+        return (namespace, name) if namespace and name else None
 
     def severity(self, labels: dict[str, str]) -> SeverityName:
         return normalise_severity(labels.get(self.severity_label, ""))

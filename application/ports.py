@@ -88,16 +88,50 @@ class IncidentObserver(Protocol):
     def changed(self, incident: Incident, previous: Status | None) -> None: ...
 
 
-class ActionRunner(Protocol):
-    """Runs Opsgenie OEC actions incidentd has no transition for (custom actions such as
-    ``restartDeployment``), filled in by the adapters.
+@dataclass(frozen=True)
+class ActionTrigger:
+    """An event that action rules may answer: an alert that opened an incident (``event="opened"``), or
+    an Opsgenie OEC action by its name (``"restartDeployment"``). ``labels`` are the alert's labels (OEC:
+    the alert's details); rules match on them and read their targets from them."""
 
-    Called inside the store transaction, after the action is on the incident's timeline: if it raises
-    TransientError the whole message is retried (the side effect is at-least-once; the store change is
-    still once). Returns a short result for the timeline, or None when no runner knows the action.
+    event: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlannedAction:
+    """One action a rule calls for, resolved against its trigger (the target and arguments are known).
+
+    ``rule`` names the rule on the incident's timeline; ``target`` says what is acted on ("deployment
+    shop/checkout"): one message runs each (rule, target) once, however many of its incidents ask.
+    ``problem``, when set, says why the action cannot run (e.g. the alert names no Deployment).
     """
 
-    async def run(self, action: str, incident: Incident, payload: Mapping[str, Any]) -> str | None: ...
+    rule: str
+    action: str
+    target: str
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+    problem: str = ""
+
+
+class ActionRunner(Protocol):
+    """Action rules: which actions an event calls for, and running them (application/actions.py).
+
+    The handlers run actions after the store commit, never inside a transaction, and record each result
+    on the incident's timeline (application/side_effects.py).
+    """
+
+    def plan(self, trigger: ActionTrigger) -> list[PlannedAction]:
+        """The actions of the rules this trigger matches, in configuration order."""
+        ...
+
+    async def run(self, action: PlannedAction, incident: Incident) -> str:
+        """Do it (or, in dry-run, say what would be done); return the result for the timeline.
+
+        Raises TransientError (retry later: the action is still owed) or PermanentError (recorded as
+        failed; retrying cannot help).
+        """
+        ...
 
 
 # --- brokers ----------------------------------------------------------------------------------------
@@ -307,8 +341,10 @@ ISSUE_URL_LINK = "github_issue_url"
 class IssueTracker(Protocol):
     """Opens one issue per incident, comments on its transitions and closes it when it is resolved.
 
-    Redelivery-safe as long as the handler stores the returned issue on the incident in the same
-    transaction: ``open_issue`` returns the issue already named in ``incident.links`` without a call.
+    Redelivery-safe together with the handlers (application/side_effects.py): they store the returned
+    issue in ``incident.links`` right after opening it, ``open_issue`` returns an issue already named
+    there without a call, and a retry first looks for an issue an earlier attempt opened
+    (``find_issue``).
     """
 
     def tracks(self, incident: Incident) -> bool:
@@ -316,6 +352,14 @@ class IssueTracker(Protocol):
         ...
 
     async def open_issue(self, incident: Incident) -> TrackedIssue: ...
+
+    async def find_issue(self, incident: Incident) -> TrackedIssue | None:
+        """The issue an earlier attempt opened for this incident, found by its marker, if any.
+
+        For a retry whose earlier attempt may have opened the issue without storing it; reads the
+        repository's issue list (consistent, unlike the search index).
+        """
+        ...
 
     async def comment(self, incident: Incident, entry: TimelineEntry) -> None: ...
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from dependency_injector import containers, providers
 
+from application.actions import ActionRules
 from application.commands import Command
 from application.dispatcher import Dispatcher, Observer, RetryPolicy, bind
 from application.factory import CommandFactory
@@ -63,7 +64,7 @@ async def postgres_store(settings: Settings, observer: IncidentObserver) -> Asyn
         await store.close()
 
 
-# --- incidents: metrics and custom OEC actions ----------------------------------------------------------
+# --- incidents: metrics and action rules --------------------------------------------------------------
 
 
 def incident_metrics(registry: CollectorRegistry) -> IncidentMetrics:
@@ -86,10 +87,13 @@ async def incident_gauge(metrics: IncidentMetrics, store: IncidentStore) -> Asyn
         task.cancel()
 
 
-def no_actions() -> ActionRunner:
-    from infra.noop_actions import NoActions
-
-    return NoActions()
+def action_rules(
+    settings: Settings, cluster: Cluster | None, cloud: Cloud | None, policy: IncidentPolicy
+) -> ActionRunner:
+    """The action rules (application/actions.py), acting through the adapters that are enabled."""
+    return ActionRules(
+        settings.action_rules, cluster=cluster, cloud=cloud, policy=policy, dry_run=settings.dry_run
+    )
 
 
 # --- brokers ----------------------------------------------------------------------------------------
@@ -251,7 +255,6 @@ class Container(containers.DeclarativeContainer):
         postgres=providers.Resource(postgres_store, settings, incident_metrics),
     )
     incident_gauge = providers.Resource(incident_gauge, incident_metrics, store)
-    actions = providers.Singleton(no_actions)
     broker = providers.Selector(
         settings.provided.broker,
         memory=providers.Resource(memory_broker, settings),
@@ -263,6 +266,8 @@ class Container(containers.DeclarativeContainer):
         environment_labels=settings.provided.environment_labels,
         severity_label=settings.provided.severity_label,
         correlation_window=settings.provided.correlation_window,
+        namespace_labels=settings.provided.kubernetes_namespace_labels,
+        deployment_labels=settings.provided.kubernetes_deployment_labels,
     )
     # Adapters (issue 6): a Resource only when enabled, else None.
     cluster = when_enabled(
@@ -276,6 +281,7 @@ class Container(containers.DeclarativeContainer):
         settings.provided.github_enabled, providers.Resource(github_issues, settings)
     )
     notifier = when_enabled(settings.provided.slack_enabled, providers.Resource(slack_notifier, settings))
+    actions = providers.Singleton(action_rules, settings, cluster, cloud, policy)
     # The names handlers may ask for (see application.dispatcher.bind).
     handler_dependencies = providers.Dict(
         store=store,

@@ -23,6 +23,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from application.actions import AWS_ACTIONS, KUBERNETES_ACTIONS, ActionRule, rule_names
+
 ENV_PREFIX = "INCIDENTD_"
 
 
@@ -143,6 +145,29 @@ class Settings(BaseSettings):
     slack_default_webhook_url: SecretStr = SecretStr("")
     slack_default_webhook_url_file: Path | None = None
     slack_timeout: float = Field(default=10.0, gt=0)
+
+    # --- handlers' side effects: Kubernetes enrichment and action rules (docs/adapters.md) -------------
+    # Alert labels (OEC: alert details) naming the Deployment an alert is about; first present wins.
+    kubernetes_namespace_labels: list[str] = Field(default_factory=lambda: ["namespace"], min_length=1)
+    kubernetes_deployment_labels: list[str] = Field(default_factory=lambda: ["deployment"], min_length=1)
+    # [{"name": "restart-on-label", "labels": {"incidentd_action": "restart"}, "action": "restart"},
+    #  {"oec_action": "restartDeployment", "action": "restart"}, ...]; see application/actions.py.
+    action_rules: list[ActionRule] = Field(default_factory=list)
+
+    @field_validator("action_rules")
+    @classmethod
+    def _rules_can_act(cls, rules: list[ActionRule], info: ValidationInfo) -> list[ActionRule]:
+        """Unique names; and, unless dry_run, every rule's adapter enabled (else it fails at start-up,
+        not when the first incident asks for it)."""
+        names = rule_names(rules)
+        if len(set(names)) != len(names):
+            raise ValueError(f"rule names must be unique: {names}")
+        needs = {"kubernetes_enabled": KUBERNETES_ACTIONS, "aws_enabled": AWS_ACTIONS}
+        for name, rule in zip(names, rules, strict=True):
+            for flag, kinds in needs.items():
+                if rule.action in kinds and not info.data.get(flag) and not info.data.get("dry_run"):
+                    raise ValueError(f"rule {name!r} ({rule.action}) needs {flag} (or dry_run)")
+        return rules
 
     @field_validator("clickhouse_buffer_limit")
     @classmethod

@@ -3,11 +3,10 @@ resolve.
 
 Idempotency is the caller's half of the contract: the handler stores the returned issue number and URL in
 ``incident.links`` in the same store transaction as the transition, and :meth:`GitHubIssues.open_issue`
-returns the stored issue without calling GitHub. The one window left - GitHub created the issue, then the
-store transaction failed - can open a second issue on redelivery; every issue body carries the marker
-``<!-- incidentd:<incident id> -->`` so such twins can be found with a search. (Searching for the marker
-before every create was left out: GitHub's search index lags by up to a minute, so it would not close the
-window anyway.)
+returns the stored issue without calling GitHub. Every issue body carries the marker
+``<!-- incidentd:<incident id> -->``. For the window left - GitHub created the issue, then the link was not
+stored - a retry first calls :meth:`GitHubIssues.find_issue`, which finds the issue by that marker in the
+repository's issue list (not the search API, whose index lags by up to a minute).
 
 Errors are classified for the dispatcher: a 5xx, a rate limit, a timeout or a connection error is
 :class:`TransientError` (retry later); any other 4xx (bad token, no access, unknown repository, rejected
@@ -18,7 +17,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlencode
 
 import aiohttp
 import gidgethub
@@ -79,6 +80,24 @@ class GitHubIssues:
         log.info("github issue opened", incident_id=str(incident.id), issue=issue["number"])
         return TrackedIssue(int(issue["number"]), str(issue.get("html_url", "")))
 
+    async def find_issue(self, incident: Incident) -> TrackedIssue | None:
+        """The issue with this incident's marker, among the repository's issues with our labels updated
+        since the incident started (the issue list, not the search API: it has no indexing lag).
+
+        Reads one page of 100, newest first: enough for the retry it serves, which follows the lost
+        attempt by seconds to minutes.
+        """
+        query = urlencode(
+            {"state": "all", "labels": ",".join(self._labels), "since": _iso(incident.created_at),
+             "sort": "created", "direction": "desc", "per_page": "100"}
+        )  # fmt: skip
+        page: Any = await self._call("list issues", lambda: self._gh.getitem(f"{self._issues}?{query}"))
+        for issue in page if isinstance(page, list) else []:
+            if marker(incident) in (issue.get("body") or "") and "pull_request" not in issue:
+                log.info("github issue found", incident_id=str(incident.id), issue=issue["number"])
+                return TrackedIssue(int(issue["number"]), str(issue.get("html_url", "")))
+        return None
+
     async def comment(self, incident: Incident, entry: TimelineEntry) -> None:
         """Comment on the incident's issue; nothing to do if it has none (not tracked)."""
         number = incident.links.get(ISSUE_LINK)
@@ -135,6 +154,9 @@ def issue_body(incident: Incident) -> str:
         f"**Opened:** {incident.created_at.isoformat()}",
         f"**Incident:** `{incident.id}`",
     ]
+    cluster = incident.enrichment.get("kubernetes", {}).get("summary")
+    if cluster:
+        lines.append(f"**Kubernetes:** {cluster}")
     description = _description(incident)
     if description:
         lines += ["", description]
@@ -142,6 +164,10 @@ def issue_body(incident: Incident) -> str:
     if links:
         lines += ["", *(f"- [{label}]({url})" for label, url in links)]
     return "\n".join([*lines, "", marker(incident)])
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _description(incident: Incident) -> str:

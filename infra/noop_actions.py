@@ -1,17 +1,24 @@
-"""The default :class:`~application.ports.ActionRunner`: knows no custom action.
+"""An :class:`~application.ports.ActionRunner` with no rules: every action is only recorded.
 
-OEC custom actions are then only recorded on the incident's timeline. The adapters replace this with a
-runner that dispatches actions (e.g. ``restartDeployment``) to Kubernetes, GitHub, ...
+The container uses the real runner (application/actions.py), which behaves like this one when
+``action_rules`` is empty; tests and benchmarks that wire handlers by hand use this one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
+from application.errors import PermanentError
 from application.incidents import Incident
+from application.ports import ActionTrigger, PlannedAction
 
 
 class NoActions:
-    async def run(self, action: str, incident: Incident, payload: Mapping[str, Any]) -> str | None:
-        return None
+    def plan(self, trigger: ActionTrigger) -> list[PlannedAction]:
+        return []
+
+    async def run(self, action: PlannedAction, incident: Incident) -> str:
+        raise PermanentError(f"no rule runs {action.action}")
+
+
+def adapters_off() -> dict[str, object]:
+    """The handlers' side-effect dependencies as the container provides them with every adapter off."""
+    return {"actions": NoActions(), "cluster": None, "issue_tracker": None, "notifier": None}

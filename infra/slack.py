@@ -109,6 +109,9 @@ def render(incident: Incident, entry: TimelineEntry) -> str:
     ]
     if entry.note:
         lines.append(f"> {_escape(entry.note)}")
+    cluster = incident.enrichment.get("kubernetes", {}).get("summary")
+    if cluster:
+        lines.append(f"*Kubernetes:* {_escape(cluster)}")
     links = incident_links(incident)
     if links:
         lines.append(" | ".join(f"<{_escape(url)}|{_escape(label)}>" for label, url in links))

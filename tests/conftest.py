@@ -7,6 +7,8 @@ from typing import Any
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# Stand-ins shared by the adapter suites and the end-to-end test: fixtures k8s, github, slack, clickhouse.
+pytest_plugins = ("tests.standins.kubernetes", "tests.standins.chat", "tests.standins.clickhouse")
 
 
 def fixture_json(name: str) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Stand-ins for the adapters' systems, all in-process on 127.0.0.1.
 
-* Kubernetes: kmock's KubernetesEmulator, a stateful API server (objects live in ``emulator.objects``).
+* Kubernetes: kmock's KubernetesEmulator (the ``k8s`` fixture, tests/standins/kubernetes.py, shared with
+  the end-to-end test); ``cluster`` is the adapter pointed at it.
 * AWS: moto's ThreadedMotoServer, one per test session; tests use unique bucket / function names.
 """
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import socket
 import urllib.request
 import uuid
@@ -22,79 +22,11 @@ import pytest
 from infra.aws import AwsCloud
 from infra.kubernetes import KubernetesCluster, connect
 
-NAMESPACES = kmock.resource("v1/namespaces")
-DEPLOYMENTS = kmock.resource("apps/v1/deployments")
 K8S_TIMEOUT = 2.0
 AWS_TIMEOUT = 5.0
 REGION = "us-east-1"
 
 # --- Kubernetes -------------------------------------------------------------------------------------
-
-
-def deployment(
-    namespace: str,
-    name: str,
-    *,
-    replicas: int = 3,
-    ready: int = 3,
-    image: str = "registry.example/web:1.4.2",
-    restarted_at: str | None = None,
-) -> dict[str, Any]:
-    """A Deployment as the API server returns it after the controller has observed it."""
-    template_meta: dict[str, Any] = {"labels": {"app": name}}
-    if restarted_at:
-        template_meta["annotations"] = {"kubectl.kubernetes.io/restartedAt": restarted_at}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "namespace": namespace, "generation": 2},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": template_meta,
-                "spec": {
-                    "containers": [{"name": "app", "image": image}, {"name": "proxy", "image": "envoy:1"}]
-                },
-            },
-        },
-        "status": {
-            "observedGeneration": 2,
-            "replicas": replicas,
-            "updatedReplicas": replicas,
-            "readyReplicas": ready,
-            "availableReplicas": ready,
-        },
-    }
-
-
-def _serve_namespaces(emulator: kmock.KubernetesEmulator) -> None:
-    """kmock 0.8 reads ``/api/v1/namespaces/<name>`` as "namespace <name>, no resource" and answers 404;
-    this reaction serves the Namespace objects from the emulator's own state instead."""
-
-    async def read_namespace(request: kmock.Request) -> dict[str, Any]:
-        key = (NAMESPACES, None, request.namespace)
-        if key not in emulator.objects or emulator.objects[key].deleted:
-            raise kmock.KubernetesObjectNotFoundError()
-        return dict(emulator.objects[key].raw)
-
-    emulator["get", re.compile(r"^/api/v1/namespaces/[^/]+$")] << read_namespace
-
-
-@pytest.fixture
-async def k8s() -> AsyncIterator[tuple[kmock.KubernetesEmulator, str]]:
-    """A fresh stateful Kubernetes API (and its URL) with namespace ``prod`` holding Deployment ``web``."""
-    async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
-        _serve_namespaces(emulator)
-        emulator.objects[NAMESPACES, None, "prod"] = {
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": {"name": "prod"},
-        }
-        emulator.objects[DEPLOYMENTS, "prod", "web"] = deployment(
-            "prod", "web", restarted_at="2026-11-01T08:30:00Z"
-        )
-        yield emulator, str(server.url).rstrip("/")
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ import pytest
 from application.errors import PermanentError, TransientError
 from application.ports import DeploymentStatus, Missing
 from infra.kubernetes import RESTARTED_AT, KubernetesCluster, connect
-from tests.adapters.conftest import DEPLOYMENTS, deployment, free_port
+from tests.adapters.conftest import free_port
+from tests.standins.kubernetes import DEPLOYMENTS, deployment
 
 K8s = tuple[kmock.KubernetesEmulator, str]
 WEB = "/apis/apps/v1/namespaces/prod/deployments/web"

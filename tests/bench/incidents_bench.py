@@ -37,7 +37,7 @@ from application.messages import TYPE_ATTR
 from application.worker import run_worker
 from common.logging import configure_logging
 from infra.memory import MemoryBroker
-from infra.noop_actions import NoActions
+from infra.noop_actions import adapters_off
 from infra.sqlite.dead_letters import SqliteDeadLetters
 from infra.sqlite.store import SqliteStore
 
@@ -106,7 +106,7 @@ async def run(
     store: Any, bodies: list[bytes], concurrency: int, directory: Path
 ) -> tuple[float, list[float]]:
     latencies: list[float] = []
-    deps = {"store": store, "policy": IncidentPolicy(), "actions": NoActions()}
+    deps = {"store": store, "policy": IncidentPolicy(), **adapters_off()}
     bound = bind({AlertmanagerWebhook: [alertmanager_webhook]}, deps)[AlertmanagerWebhook][0]
     bound_handlers = {**bind(HANDLERS, deps), AlertmanagerWebhook: (_timing(bound, latencies),)}
     dispatcher = Dispatcher(CommandFactory(HANDLERS), bound_handlers, concurrency=concurrency, timeout=30,

@@ -15,7 +15,7 @@ import pytest
 from application.commands import AlertmanagerWebhook, AwsEvent, OpsgenieAction
 from application.dispatcher import Context
 from application.incidents import IncidentPolicy
-from infra.noop_actions import NoActions
+from infra.noop_actions import adapters_off
 from infra.sqlite.store import SqliteStore
 from tests.services import port_open, require
 
@@ -57,7 +57,7 @@ def policy() -> IncidentPolicy:
 
 @pytest.fixture
 def deps(policy: IncidentPolicy) -> dict[str, Any]:
-    return {"policy": policy, "actions": NoActions()}
+    return {"policy": policy, **adapters_off()}
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -13,6 +12,7 @@ from application.dispatcher import bind
 from application.errors import PermanentError
 from application.handlers import HANDLERS
 from application.incidents import Incident, IncidentPolicy
+from application.ports import ActionTrigger, PlannedAction
 from infra.sqlite.store import SqliteStore
 from tests.incidents.conftest import alertmanager, aws, context, oec, payload
 
@@ -20,8 +20,9 @@ from tests.incidents.conftest import alertmanager, aws, context, oec, payload
 async def handle(
     store: SqliteStore, deps: dict[str, Any], command: Command, message_id: str | None = None
 ) -> None:
+    ctx = context(message_id)  # one delivery: every handler of the list sees the same message
     for handler in bind(HANDLERS, {"store": store, **deps})[type(command)]:
-        await handler(command, context(message_id))
+        await handler(command, ctx)
 
 
 async def by_key(store: SqliteStore, key: str) -> list[Incident]:
@@ -151,28 +152,38 @@ async def test_oec_actions_map_to_transitions(sqlite_store: SqliteStore, deps: d
 
 
 class RecordingRunner:
+    """Answers restartDeployment with one action; knows no other."""
+
     def __init__(self) -> None:
         self.ran: list[tuple[str, str]] = []
 
-    async def run(self, action: str, incident: Incident, payload: Mapping[str, Any]) -> str | None:
-        self.ran.append((action, payload["alert"]["alertId"]))
-        return "restarted deployment orders-db" if action == "restartDeployment" else None
+    def plan(self, trigger: ActionTrigger) -> list[PlannedAction]:
+        if trigger.event != "restartDeployment":
+            return []
+        return [PlannedAction("restart", "restart", "deployment orders-db")]
+
+    async def run(self, action: PlannedAction, incident: Incident) -> str:
+        self.ran.append((action.rule, incident.dedup_key))
+        return "restarted deployment orders-db"
 
 
 async def test_custom_oec_actions_go_to_the_runner_and_onto_the_timeline(
     sqlite_store: SqliteStore, deps: dict[str, Any]
 ) -> None:
-    """A custom action runs through the ActionRunner and its result is on the timeline; an action no
-    runner knows is still recorded, never dropped."""
+    """A custom action is recorded, then answered by the action runner after the commit, its result a
+    timeline entry of its own; an action no rule answers is still recorded, never dropped."""
     runner = RecordingRunner()
     deps = {**deps, "actions": runner}
     await handle(sqlite_store, deps, oec("oec_create", action="restartDeployment"))
     await handle(sqlite_store, deps, oec("oec_create", action="EscalateToNext"))
     [incident] = await sqlite_store.list()
-    assert [a for a, _ in runner.ran] == ["restartDeployment", "EscalateToNext"]
-    actions = [e.note for e in incident.timeline if e.kind == "action"]
-    assert actions == ["restartDeployment: restarted deployment orders-db",
-                       "EscalateToNext: no runner for this action; recorded only"]  # fmt: skip
+    assert runner.ran == [("restart", "opsgenie:orders-db-replication-lag")]
+    actions = [(e.actor, e.note) for e in incident.timeline if e.kind == "action"]
+    assert actions == [
+        ("System", "restartDeployment"),
+        ("incidentd", "restart: restarted deployment orders-db"),
+        ("System", "EscalateToNext"),
+    ]
 
 
 async def test_aws_health_opens_and_closes_per_event_arn(

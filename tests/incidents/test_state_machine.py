@@ -19,7 +19,7 @@ from application.dispatcher import bind
 from application.errors import TransientError
 from application.handlers import HANDLERS
 from application.incidents import Incident, IncidentPolicy, Status
-from infra.noop_actions import NoActions
+from infra.noop_actions import adapters_off
 from infra.sqlite.store import SqliteStore
 from tests.incidents.conftest import alertmanager, context, oec, payload
 
@@ -62,7 +62,7 @@ def oec_command(kind: str, second: int) -> Command:
 async def deliver(commands: list[Command]) -> SqliteStore:
     """Run each command through its real handler; a TransientError is redelivered later (bounded)."""
     store = await SqliteStore.open(":memory:")
-    handlers = bind(HANDLERS, {"store": store, "policy": IncidentPolicy(), "actions": NoActions()})
+    handlers = bind(HANDLERS, {"store": store, "policy": IncidentPolicy(), **adapters_off()})
     queue = [(c, 1) for c in commands]
     while queue:
         command, attempt = queue.pop(0)

@@ -18,7 +18,7 @@ from application.factory import CommandFactory
 from application.handlers import HANDLERS
 from application.incidents import Incident, IncidentPolicy, Status
 from application.messages import TYPE_ATTR, Disposition, Message, Outcome
-from infra.noop_actions import NoActions
+from infra.noop_actions import adapters_off
 from infra.sqlite.store import SqliteStore
 from tests.incidents.conftest import PG_DSN, drop_schema, payload, postgres_available
 
@@ -63,7 +63,7 @@ class StoreContract:
         return Recorder()
 
     def dispatcher(self, store: Any, concurrency: int = 16) -> Dispatcher:
-        deps = {"store": store, "policy": IncidentPolicy(), "actions": NoActions()}
+        deps = {"store": store, "policy": IncidentPolicy(), **adapters_off()}
         return Dispatcher(
             CommandFactory(HANDLERS), bind(HANDLERS, deps), concurrency=concurrency, timeout=30,
             retry=RetryPolicy(max_attempts=5, in_process_attempts=5, in_process_initial=0.01),

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from application.messages import Message, Outcome
-from tests.lake.conftest import select, wait_for_rows
 from tests.lake.server import ClickHouseServer
+from tests.standins.clickhouse import select, wait_for_rows
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from application.incidents import Incident
 from application.ports import ISSUE_LINK, ISSUE_URL_LINK
 from config.settings import load
 from infra.github import GitHubIssues, from_settings
-from tests.notify.conftest import REPO, TOKEN, GitHub, unused_port
+from tests.standins.chat import REPO, TOKEN, GitHub, unused_port
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -216,3 +216,25 @@ async def test_unreachable_or_slow_github_is_transient(
     github.delay = 0.5
     with pytest.raises(TransientError, match="Timeout"):
         await make_tracker(github_timeout=0.1).open_issue(incident())
+
+
+async def test_find_issue_finds_the_issue_an_earlier_attempt_opened_by_its_marker(
+    github: GitHub, make_tracker: Callable[..., GitHubIssues]
+) -> None:
+    """After an attempt that opened an issue but lost its number, find_issue lists the repository's
+    issues with our labels (state all, since the incident started) and returns the one carrying this
+    incident's marker - closed or not - and nothing for an incident that has none."""
+    tracker = make_tracker()
+    lost, other, never = incident(), incident(), incident()
+    opened = await tracker.open_issue(lost)
+    await tracker.open_issue(other)
+    await tracker.close_issue(
+        lost.model_copy(update={"links": {ISSUE_LINK: str(opened.number)}}), lost.timeline[-1]
+    )
+
+    assert await tracker.find_issue(lost) == opened
+    assert await tracker.find_issue(never) is None
+    listed = [r for r in github.requests if r.method == "GET"]
+    assert len(listed) == 2
+    query = listed[0].query
+    assert (query["state"], query["labels"], query["since"]) == ("all", "incident", "2026-11-23T12:00:00Z")

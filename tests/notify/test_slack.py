@@ -14,7 +14,7 @@ from application.incidents import Incident
 from application.ports import ISSUE_LINK, ISSUE_URL_LINK
 from config.settings import load
 from infra.slack import SlackNotifier, from_settings
-from tests.notify.conftest import Slack, unused_port
+from tests.standins.chat import Slack, unused_port
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 DEFAULT, API, PROD = "/services/T0/B-default/x", "/services/T0/B-api/x", "/services/T0/B-prod/x"

@@ -281,3 +281,17 @@ def test_a_handler_asking_for_an_unknown_dependency_fails_at_start_up():
 
     with pytest.raises(LookupError, match="needs \\['pager'\\]"):
         bind({Ping: [handler]}, {"store": object()})
+
+
+async def test_a_message_without_an_id_is_named_by_its_idempotency_key():
+    """Handlers of a message the broker gave no id see its idempotency key (a digest of the body) as its
+    message id, so that the timeline entries it records are found again when it is redelivered."""
+    seen = []
+
+    async def handler(cmd: Ping, ctx: Context) -> None:
+        seen.append((ctx.message_id, ctx.idempotency_key))
+
+    item = FakeDelivery(Message(Ping(n=1).model_dump_json().encode(), {"type": Ping.TYPE}, ""))
+    assert (await outcome_of(dispatcher(handler), item)).disposition is Disposition.ACK
+    [(message_id, key)] = seen
+    assert message_id == key and key.startswith("sha256:")

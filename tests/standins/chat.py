@@ -1,4 +1,5 @@
-"""Local stand-ins for GitHub's REST API and Slack's incoming webhooks (aiohttp on 127.0.0.1, port 0).
+"""Local stand-ins for GitHub's REST API and Slack's incoming webhooks (aiohttp on 127.0.0.1, port 0);
+the ``github`` and ``slack`` fixtures (tests/notify and the end-to-end test).
 
 They record every request and answer the way the real services do for the calls incidentd makes,
 including their error shapes; ``fail_next`` makes the next request fail like the real service would.
@@ -32,6 +33,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     json: Any
+    query: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,7 +55,9 @@ class StandIn:
 
     async def _record(self, request: web.Request) -> web.Response | None:
         payload = await request.json() if request.can_read_body else None
-        self.requests.append(Recorded(request.method, request.path, dict(request.headers), payload))
+        self.requests.append(
+            Recorded(request.method, request.path, dict(request.headers), payload, dict(request.query))
+        )
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.failures:
@@ -65,7 +69,8 @@ class StandIn:
 
 
 class GitHub(StandIn):
-    """The issues endpoints of api.github.com: create, comment, update; token auth; unknown repo -> 404."""
+    """The issues endpoints of api.github.com: create, list, comment, update; token auth; unknown repo ->
+    404. The list filters by state and labels (all must be on the issue) like GitHub's, newest first."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,6 +80,7 @@ class GitHub(StandIn):
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/repos/{owner}/{repo}/issues", self.create)
+        app.router.add_get("/repos/{owner}/{repo}/issues", self.list)
         app.router.add_post("/repos/{owner}/{repo}/issues/{number}/comments", self.comment)
         app.router.add_patch("/repos/{owner}/{repo}/issues/{number}", self.update)
         return app
@@ -115,6 +121,19 @@ class GitHub(StandIn):
         }
         self.issues[number] = issue
         return web.json_response(issue, status=201)
+
+    async def list(self, request: web.Request) -> web.Response:
+        if (rejected := await self._check(request)) is not None:
+            return rejected
+        state = request.query.get("state", "open")
+        wanted = {name for name in request.query.get("labels", "").split(",") if name}
+        per_page = int(request.query.get("per_page", "30"))
+        found = [
+            issue
+            for issue in sorted(self.issues.values(), key=lambda i: i["number"], reverse=True)
+            if state in ("all", issue["state"]) and wanted <= {label["name"] for label in issue["labels"]}
+        ]
+        return web.json_response(found[:per_page])
 
     async def comment(self, request: web.Request) -> web.Response:
         if (rejected := await self._check(request)) is not None:

@@ -108,10 +108,10 @@ async def memory_broker(settings: Settings) -> AsyncIterator[Broker]:
         await broker.close()
 
 
-async def rabbitmq_broker(settings: Settings) -> AsyncIterator[Broker]:
+async def rabbitmq_broker(settings: Settings, metrics: Metrics) -> AsyncIterator[Broker]:
     from infra.rabbitmq import open_broker
 
-    async with open_broker(settings) as broker:
+    async with open_broker(settings, on_reconnect=metrics.reconnected) as broker:
         yield broker
 
 
@@ -255,7 +255,7 @@ class Container(containers.DeclarativeContainer):
     broker = providers.Selector(
         settings.provided.broker,
         memory=providers.Resource(memory_broker, settings),
-        rabbitmq=providers.Resource(rabbitmq_broker, settings),
+        rabbitmq=providers.Resource(rabbitmq_broker, settings, metrics),
     )
     policy = providers.Singleton(
         IncidentPolicy,

@@ -47,6 +47,18 @@ def worker_process(env: Mapping[str, str], log: Path) -> Iterator[subprocess.Pop
             process.wait()
 
 
+async def run_app(env: Mapping[str, str], *args: str, stdin: bytes = b"") -> tuple[int, str]:
+    """``python app.py ARGS`` to the end (a process of its own: the CLI configures logging
+    process-wide); its exit code and its stdout and stderr together."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "app.py", *args, cwd=ROOT, env=os.environ | dict(env),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(process.communicate(stdin), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
 async def sigterm(process: subprocess.Popen[bytes], timeout: float = 60) -> int:
     """SIGTERM, and the exit code once the worker has drained (at most ``timeout`` seconds)."""
     process.send_signal(signal.SIGTERM)

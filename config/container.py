@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from dependency_injector import containers, providers
 
 from application.commands import Command
-from application.dispatcher import Dispatcher, Observer, RetryPolicy, bind
+from application.dispatcher import Dispatcher, Observer, Receiver, RetryPolicy, bind
 from application.factory import CommandFactory
 from application.handlers import HANDLERS
 from application.incidents import IncidentPolicy
@@ -220,6 +220,7 @@ def build_dispatcher(
     handlers: dict[type[Command], list],  # type: ignore[type-arg]
     dependencies: dict[str, object],
     observers: list[Observer],
+    receivers: list[Receiver],
 ) -> Dispatcher:
     return Dispatcher(
         CommandFactory(handlers),
@@ -233,6 +234,7 @@ def build_dispatcher(
             in_process_attempts=settings.in_process_attempts,
         ),
         observers=observers,
+        receivers=receivers,
     )
 
 
@@ -288,6 +290,7 @@ class Container(containers.DeclarativeContainer):
     )
     observers = providers.List(metrics.provided.observe)
     outcome_observers = providers.Callable(with_lake, observers, event_lake)
+    receivers = providers.List(metrics.provided.received)
     dispatcher = providers.Singleton(
-        build_dispatcher, settings, handlers, handler_dependencies, outcome_observers
+        build_dispatcher, settings, handlers, handler_dependencies, outcome_observers, receivers
     )

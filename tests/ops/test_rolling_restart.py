@@ -19,9 +19,6 @@ import asyncio
 import collections
 import contextlib
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -39,7 +36,7 @@ from config.settings import Settings, load
 from tests.contract.broker_contract import eventually
 from tests.incidents.conftest import PG_DSN, drop_schema, payload, pg_schema, postgres_available  # noqa: F401
 from tests.proxy import proxy_for
-from tests.workers import ROOT, env_of, exit_code, free_port, get, log_events, sample, worker_process
+from tests.workers import env_of, exit_code, free_port, get, log_events, run_app, sample, worker_process
 
 RATE = 40  # Alertmanager batches per second, for the whole run
 ALERTS = 20  # alerts (new fingerprints, so new incidents) per batch: a big Alertmanager group
@@ -84,7 +81,11 @@ def rabbitmq() -> BrokerVariant:
     return BrokerVariant("rabbitmq", rabbitmq_available, topology, backlog, delete)
 
 
-# Pub/Sub (infra/pubsub, on the emulator) is added here as one more entry once it exists.
+# Pub/Sub (infra/pubsub, on the emulator) is one more entry here once that package is merged; nothing
+# else in this module changes. Its four parts: require the emulator (PUBSUB_EMULATOR_HOST reaches the
+# pods through the environment); a topology of unique pubsub_project / pubsub_topic /
+# pubsub_subscription names; the backlog as what a pull from the subscription still returns (with the
+# pods stopped, so nothing is leased); delete the topics and subscriptions, dead-letter ones included.
 VARIANTS = {"rabbitmq": rabbitmq}
 
 
@@ -202,37 +203,35 @@ async def broker_of(settings: Settings) -> AsyncIterator[Broker]:
         await container.shutdown_resources()  # type: ignore[misc]
 
 
-def setup_job(settings: dict[str, Any]) -> None:
+async def setup_job(settings: dict[str, Any]) -> None:
     """``app.py setup``, as the Deployment's one-shot Job runs it: topology and schema."""
-    result = subprocess.run(
-        [sys.executable, "app.py", "setup"], cwd=ROOT, env=os.environ | env_of(settings),
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    code, out = await run_app(env_of(settings), "setup")
+    assert code == 0, out
+
+
+@contextlib.asynccontextmanager
+async def database(schema: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": schema})
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 async def store_rows(schema: str) -> tuple[list[tuple[str, int, int, str]], list[str]]:
     """(dedup key, occurrences, timeline entries, opening message id) per incident; processed message ids."""
-    conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": schema})
-    try:
+    async with database(schema) as conn:
         incidents = await conn.fetch(
             "SELECT dedup_key, (doc->>'occurrences')::int, jsonb_array_length(doc->'timeline'), "
             "doc->'timeline'->0->>'message_id' FROM incidents"
         )
         processed = await conn.fetch("SELECT key FROM processed_messages")
-    finally:
-        await conn.close()
     return [tuple(r) for r in incidents], [r[0] for r in processed]
 
 
 async def processed_count(schema: str) -> int:
-    conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": schema})
-    try:
+    async with database(schema) as conn:
         return int(await conn.fetchval("SELECT count(*) FROM processed_messages"))
-    except asyncpg.UndefinedTableError:
-        return 0
-    finally:
-        await conn.close()
 
 
 # --- the test --------------------------------------------------------------------------------------
@@ -299,7 +298,7 @@ async def test_a_rolling_restart_under_load_applies_every_message_exactly_once(
         settings = pod_settings(variant.topology(), schema, database.url(PG_DSN))
         loaded = load(**settings)
         try:
-            setup_job(settings | {"postgres_dsn": PG_DSN})
+            await setup_job(settings | {"postgres_dsn": PG_DSN})
             async with broker_of(loaded) as broker:
                 stream = Stream(broker)
                 with contextlib.ExitStack() as stack:
@@ -336,7 +335,7 @@ async def test_a_rolling_restart_under_load_applies_every_message_exactly_once(
     print(
         f"\n{variant.name}: published {len(stream.published)} batches ({len(expected)} alerts) at "
         f"{RATE}/s; incidents {len(incidents)}; processed ids {len(processed)}; "
-        f"handled twice (redelivered, no-op) {sum(1 for n in acks.values() if n > 1)}"
+        f"acked more than once (a redelivery, a no-op) {sum(1 for n in acks.values() if n > 1)}"
     )
     for name, pod in pods.all.items():
         print(

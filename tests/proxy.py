@@ -15,7 +15,8 @@ class TcpProxy:
     ``delay`` holds every chunk back that many seconds in each direction, so a request-response round
     trip takes ``2 * delay`` longer; chunks keep their order and many can be under way at once (the delay
     is latency, not a bandwidth limit). :meth:`drop` closes every open connection, as a failed network
-    path would; new connections are accepted as before.
+    path would; new connections are accepted as before. Within ``async with proxy.outage():`` every
+    connection is dropped and new ones are cut at once, until the block ends.
     """
 
     def __init__(self, host: str, port: int, *, delay: float = 0.0) -> None:
@@ -24,6 +25,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._refusing = False
 
     @property
     def port(self) -> int:
@@ -50,12 +52,24 @@ class TcpProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
 
+    @contextlib.asynccontextmanager
+    async def outage(self) -> AsyncIterator[None]:
+        self._refusing = True
+        self.drop()
+        try:
+            yield
+        finally:
+            self._refusing = False
+
     def drop(self) -> None:
         for writer in list(self._writers):
             writer.transport.abort()
         self._writers.clear()
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        if self._refusing:
+            client_writer.transport.abort()
+            return
         try:
             server_reader, server_writer = await asyncio.open_connection(*self._target)
         except OSError:

@@ -129,7 +129,7 @@ class Pod:
 
         await eventually(probe, timeout=60)
 
-    async def busy(self, at_least: int = CONCURRENCY + 1, timeout: float = 10.0) -> None:
+    async def busy(self, at_least: int = CONCURRENCY + 1, timeout: float = 5.0) -> None:
         """Until the pod's in-flight gauge shows ``at_least`` deliveries (by default: every handler slot
         busy and one more waiting), or ``timeout`` passes; the test then checks what the pod itself
         logged at SIGTERM."""

@@ -37,6 +37,9 @@ Handler = Callable[..., Awaitable[None]]
 BoundHandler = Callable[[Command, "Context"], Awaitable[None]]
 # Called after every settled delivery (metrics, event lake). Must be cheap and must not raise.
 Observer = Callable[[Message, str, Outcome, float], None]
+# Called once per delivery as soon as its command type is known ("unknown" if it cannot be decoded),
+# before it runs: counts what arrived, including deliveries still running or never settled.
+Receiver = Callable[[Message, str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,7 @@ class Dispatcher:
         timeouts: Mapping[str, float] | None = None,
         retry: RetryPolicy = RetryPolicy(),
         observers: Iterable[Observer] = (),
+        receivers: Iterable[Receiver] = (),
     ) -> None:
         self._factory = factory
         self._handlers = handlers
@@ -97,6 +101,7 @@ class Dispatcher:
         self._timeouts = dict(timeouts or {})
         self._retry = retry
         self._observers = tuple(observers)
+        self._receivers = tuple(receivers)
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: set[asyncio.Task[Any]] = set()
@@ -139,15 +144,21 @@ class Dispatcher:
         try:
             command = self._factory.decode(message)
             command_type = command.TYPE
+            self._received(message, command_type)
             structlog.contextvars.bind_contextvars(command_type=command_type)
             outcome = await self._run(command, message)
         except DecodeError as exc:
+            self._received(message, command_type)
             outcome = Outcome.dead_letter(f"undecodable message: {exc}", error="DecodeError")
         except asyncio.CancelledError:
             outcome = Outcome.retry(0.0, "cancelled at shutdown before the handler finished")
             await self._finish(delivery, outcome, command_type, started)
             raise
         await self._finish(delivery, outcome, command_type, started)
+
+    def _received(self, message: Message, command_type: str) -> None:
+        for receiver in self._receivers:
+            receiver(message, command_type)
 
     async def _run(self, command: Command, message: Message) -> Outcome:
         if self._draining:

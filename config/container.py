@@ -14,7 +14,7 @@ from dependency_injector import containers, providers
 
 from application.actions import ActionRules
 from application.commands import Command
-from application.dispatcher import Dispatcher, Observer, RetryPolicy, bind
+from application.dispatcher import Dispatcher, Observer, Receiver, RetryPolicy, bind
 from application.factory import CommandFactory
 from application.handlers import HANDLERS
 from application.incidents import IncidentPolicy
@@ -112,10 +112,10 @@ async def memory_broker(settings: Settings) -> AsyncIterator[Broker]:
         await broker.close()
 
 
-async def rabbitmq_broker(settings: Settings) -> AsyncIterator[Broker]:
+async def rabbitmq_broker(settings: Settings, metrics: Metrics) -> AsyncIterator[Broker]:
     from infra.rabbitmq import open_broker
 
-    async with open_broker(settings) as broker:
+    async with open_broker(settings, on_reconnect=metrics.reconnected) as broker:
         yield broker
 
 
@@ -224,6 +224,7 @@ def build_dispatcher(
     handlers: dict[type[Command], list],  # type: ignore[type-arg]
     dependencies: dict[str, object],
     observers: list[Observer],
+    receivers: list[Receiver],
 ) -> Dispatcher:
     return Dispatcher(
         CommandFactory(handlers),
@@ -237,6 +238,7 @@ def build_dispatcher(
             in_process_attempts=settings.in_process_attempts,
         ),
         observers=observers,
+        receivers=receivers,
     )
 
 
@@ -258,7 +260,7 @@ class Container(containers.DeclarativeContainer):
     broker = providers.Selector(
         settings.provided.broker,
         memory=providers.Resource(memory_broker, settings),
-        rabbitmq=providers.Resource(rabbitmq_broker, settings),
+        rabbitmq=providers.Resource(rabbitmq_broker, settings, metrics),
     )
     policy = providers.Singleton(
         IncidentPolicy,
@@ -294,6 +296,7 @@ class Container(containers.DeclarativeContainer):
     )
     observers = providers.List(metrics.provided.observe)
     outcome_observers = providers.Callable(with_lake, observers, event_lake)
+    receivers = providers.List(metrics.provided.received)
     dispatcher = providers.Singleton(
-        build_dispatcher, settings, handlers, handler_dependencies, outcome_observers
+        build_dispatcher, settings, handlers, handler_dependencies, outcome_observers, receivers
     )

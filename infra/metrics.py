@@ -35,6 +35,12 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, command_types: Iterable[str] = ()) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.received_messages = Counter(
+            "incidentd_messages_received",
+            "Messages received, by command type, counted before they run (unknown: not decodable).",
+            ["command_type"],
+            registry=self.registry,
+        )
         self.messages = Counter(
             "incidentd_messages",
             "Messages handled, by command type and outcome (ack, retry, dead_letter).",
@@ -67,9 +73,17 @@ class Metrics:
             registry=self.registry,
         )
         self._children: dict[tuple[str, Disposition], tuple[Counter, Histogram]] = {}
+        self._received: dict[str, Counter] = {}
         self._command_types: set[str] = set()
         for command_type in (*command_types, UNKNOWN_COMMAND):
             self._bind_all(command_type)
+
+    def received(self, message: Message, command_type: str) -> None:
+        """Count one delivery as it arrives; the dispatcher calls this once its command type is known."""
+        counter = self._received.get(command_type)
+        if counter is None:
+            counter = self._received[self._bind_type(command_type)]
+        counter.inc()
 
     def observe(self, message: Message, command_type: str, outcome: Outcome, duration_s: float) -> None:
         """Record one outcome; the dispatcher calls this for every message it settles."""
@@ -93,13 +107,18 @@ class Metrics:
         self.shutdown_drain.set(seconds)
 
     def _bind_new(self, command_type: str, disposition: Disposition) -> tuple[Counter, Histogram]:
+        return self._children[(self._bind_type(command_type), disposition)]
+
+    def _bind_type(self, command_type: str) -> str:
+        """Bind a new type's series (or "other", past the cap); the label actually used."""
         if command_type not in self._command_types and len(self._command_types) >= MAX_COMMAND_TYPES:
             command_type = OTHER_COMMAND
         self._bind_all(command_type)
-        return self._children[(command_type, disposition)]
+        return command_type
 
     def _bind_all(self, command_type: str) -> None:
         self._command_types.add(command_type)
+        self._received[command_type] = self.received_messages.labels(command_type=command_type)
         histogram = self.handler_duration.labels(command_type=command_type)
         for disposition in Disposition:
             counter = self.messages.labels(command_type=command_type, outcome=disposition.value)

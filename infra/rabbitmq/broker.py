@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -45,15 +45,25 @@ class RabbitBroker:
 
 
 @contextlib.asynccontextmanager
-async def open_broker(settings: Settings, *, prefetch: int | None = None) -> AsyncIterator[RabbitBroker]:
+async def open_broker(
+    settings: Settings, *, prefetch: int | None = None, on_reconnect: Callable[[], None] | None = None
+) -> AsyncIterator[RabbitBroker]:
     """Connect (robustly: lost connections are re-established and consumers restored) and yield the broker;
-    close the connection on exit."""
+    close the connection on exit. ``on_reconnect`` is called each time a lost connection is back, its
+    channels and consumer restored (the ``incidentd_broker_reconnects_total`` metric)."""
     import aio_pika
 
     topology = Topology.from_settings(settings)
     connection = await aio_pika.connect_robust(
         settings.rabbitmq_url, client_properties={"connection_name": "incidentd"}
     )
+
+    def reconnected(_: object) -> None:
+        log.warning("rabbitmq.reconnected")
+        if on_reconnect is not None:
+            on_reconnect()
+
+    connection.reconnect_callbacks.add(reconnected)
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await channel.get_exchange(topology.exchange, ensure=False)

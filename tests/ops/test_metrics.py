@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry
 
-from application.messages import Message, Outcome
+from application.commands import Command
+from application.dispatcher import Context, Dispatcher, bind
+from application.factory import CommandFactory
+from application.messages import TYPE_ATTR, Message, Outcome
+from config.container import Container
+from config.settings import load
 from infra.metrics import MAX_COMMAND_TYPES, OTHER_COMMAND, Metrics
+from tests.unit.test_dispatcher import FakeDelivery
 
 
 def count(registry: CollectorRegistry, command_type: str, outcome: str) -> float | None:
@@ -44,3 +53,53 @@ def test_a_flood_of_distinct_command_types_is_capped() -> None:
     # "unknown" is bound up front and takes one of the slots
     overflow = MAX_COMMAND_TYPES + 50 - (MAX_COMMAND_TYPES - 1)
     assert count(metrics.registry, OTHER_COMMAND, "ack") == overflow
+
+
+async def test_received_counts_a_message_as_it_starts_and_outcomes_as_they_settle() -> None:
+    """A message whose handler still runs is already counted as received (by its command type) but has
+    no outcome yet; an undecodable one is received as "unknown"; settled, each has one outcome."""
+    release = asyncio.Event()
+
+    async def handle(command: Slow, context: Context) -> None:
+        await release.wait()
+
+    metrics = Metrics(command_types=[Slow.TYPE])
+    dispatcher = Dispatcher(
+        CommandFactory([Slow]), bind({Slow: [handle]}, {}), concurrency=2, timeout=10,
+        observers=[metrics.observe], receivers=[metrics.received],
+    )  # fmt: skip
+    dispatcher.submit(FakeDelivery(Message(body=b"{}", attributes={TYPE_ATTR: Slow.TYPE})))
+    dispatcher.submit(FakeDelivery(Message(body=b"not json")))
+    await asyncio.sleep(0.05)
+
+    def received(command_type: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "incidentd_messages_received_total", {"command_type": command_type}
+        )
+
+    assert (received(Slow.TYPE), count(metrics.registry, Slow.TYPE, "ack")) == (1, 0)
+    assert (received("unknown"), count(metrics.registry, "unknown", "dead_letter")) == (1, 1)
+    release.set()
+    await dispatcher.drain(5)
+    assert (received(Slow.TYPE), count(metrics.registry, Slow.TYPE, "ack")) == (1, 1)
+
+
+class Slow(Command):
+    TYPE = "test.slow"
+
+
+async def test_the_worker_container_counts_received_and_outcomes(tmp_path: Path) -> None:
+    """The container wires the worker's dispatcher to its metrics: one incident.create through it is
+    received once and acked once."""
+    container = Container(settings=load(sqlite_path=tmp_path / "incidentd.db"))
+    try:
+        dispatcher: Dispatcher = await container.dispatcher()  # type: ignore[misc]
+        delivery = FakeDelivery(Message(b'{"title": "db down"}', {TYPE_ATTR: "incident.create"}, "m-1"))
+        dispatcher.submit(delivery)
+        await asyncio.wait_for(delivery.settled.wait(), 10)
+        registry = container.metrics().registry
+    finally:
+        await container.shutdown_resources()  # type: ignore[misc]
+    labels = {"command_type": "incident.create"}
+    assert registry.get_sample_value("incidentd_messages_received_total", labels) == 1
+    assert count(registry, "incident.create", "ack") == 1

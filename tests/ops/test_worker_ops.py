@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from application.commands import Command
 from application.dispatcher import Context, Dispatcher, bind
@@ -21,23 +19,11 @@ from infra.metrics import Metrics
 from infra.ops import OpsServer
 from infra.sqlite.dead_letters import SqliteDeadLetters
 from tests.ops.conftest import ROOT
+from tests.workers import free_port, get, sample
 
 
 class Slow(Command):
     TYPE = "test.slow"
-
-
-async def get(url: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as session, session.get(url, timeout=aiohttp.ClientTimeout(5)) as r:
-        return r.status, await r.text()
-
-
-def sample(text: str, name: str, **labels: str) -> float | None:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    return None
 
 
 async def until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -104,12 +90,6 @@ async def test_readiness_drops_on_stop_while_the_in_flight_message_drains(tmp_pa
     assert report.cancelled == 0
     assert sample(metrics_text, "incidentd_messages_total", command_type=Slow.TYPE, outcome="ack") == 1
     assert sample(metrics_text, "incidentd_shutdown_drain_seconds") == report.seconds > 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_app_worker_serves_probes_and_exits_0_on_sigterm(tmp_path: Path) -> None:

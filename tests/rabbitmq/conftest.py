@@ -51,9 +51,13 @@ async def queue_depth(names: list[str]) -> int:
         return total
 
 
+def rabbitmq_available() -> None:
+    require(port_open("127.0.0.1", 5672), "RabbitMQ on 127.0.0.1:5672", "rabbitmq-server -detached")
+
+
 @pytest.fixture
 def rabbitmq() -> None:
-    require(port_open("127.0.0.1", 5672), "RabbitMQ on 127.0.0.1:5672", "rabbitmq-server -detached")
+    rabbitmq_available()
 
 
 @pytest.fixture

@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
-from pathlib import Path
-
 import aio_pika
 
 from config.settings import Settings
 from infra.rabbitmq.topology import Topology
 from tests.rabbitmq.conftest import URL
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.workers import run_app
 
 
 async def app(settings: Settings, *args: str, stdin: bytes = b"") -> tuple[int, str]:
-    """Run ``python app.py ARGS`` (a process of its own: the CLI configures logging process-wide)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "app.py", *args, cwd=ROOT, env=os.environ | _env(settings),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(process.communicate(stdin), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode()
+    """Run ``python app.py ARGS`` on this test's topology."""
+    return await run_app(_env(settings), *args, stdin=stdin)
 
 
 def _env(settings: Settings) -> dict[str, str]:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
-import signal
 import sqlite3
 import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,34 +19,18 @@ from infra.rabbitmq import open_broker
 from infra.rabbitmq.topology import Topology
 from tests.contract.broker_contract import Ledger, eventually, make_dispatcher, publish_records, running
 from tests.rabbitmq.conftest import queue_depth
+from tests.workers import env_of, sigterm, worker_process
 
-ROOT = Path(__file__).resolve().parents[2]
 VALID, POISON = 5_000, 50
 
 
-@contextlib.contextmanager
-def worker(settings: Settings, db: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def worker(
+    settings: Settings, db: Path, log: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """``python app.py worker`` on this test's topology and SQLite file; killed if the test fails."""
-    env = os.environ | {
-        "INCIDENTD_BROKER": "rabbitmq",
-        "INCIDENTD_STORE": "sqlite",
-        "INCIDENTD_SQLITE_PATH": str(db),
-        "INCIDENTD_RABBITMQ_URL": settings.rabbitmq_url,
-        "INCIDENTD_RABBITMQ_EXCHANGE": settings.rabbitmq_exchange,
-        "INCIDENTD_RABBITMQ_QUEUE": settings.rabbitmq_queue,
-        "INCIDENTD_RETRY_BACKOFF": str(settings.retry_backoff),
-        "INCIDENTD_LOG_LEVEL": "warning",
-    }
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "app.py", "worker"], cwd=ROOT, env=env, stderr=out, stdout=out
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    names = ("rabbitmq_url", "rabbitmq_exchange", "rabbitmq_queue", "retry_backoff")
+    env = env_of({"broker": "rabbitmq", "store": "sqlite", "sqlite_path": str(db), "log_level": "warning"})
+    return worker_process(env | env_of({n: getattr(settings, n) for n in names}), log)
 
 
 def incidents(db: Path) -> tuple[int, int]:
@@ -80,12 +61,6 @@ async def publish_all(settings: Settings) -> None:
             )
 
 
-async def stop(process: subprocess.Popen[bytes]) -> int:
-    """SIGTERM, and the exit code once the worker has drained (at most 60 s)."""
-    process.send_signal(signal.SIGTERM)
-    return await asyncio.wait_for(asyncio.to_thread(process.wait), 60)
-
-
 @pytest.mark.slow
 async def test_sigterm_mid_stream_loses_nothing(settings: Settings, tmp_path: Path) -> None:
     """5,000 valid messages and 50 poison ones; the first worker is stopped with SIGTERM mid-stream and
@@ -98,7 +73,7 @@ async def test_sigterm_mid_stream_loses_nothing(settings: Settings, tmp_path: Pa
 
     with worker(settings, db, log) as first:
         await eventually(lambda: incidents(db)[0] >= 1_000, timeout=120)
-        assert await stop(first) == 0, log.read_text()[-3000:]
+        assert await sigterm(first) == 0, log.read_text()[-3000:]
     handled_by_first = incidents(db)[0]
     assert handled_by_first < VALID, "the first worker finished everything; nothing was stopped mid-stream"
 
@@ -106,7 +81,7 @@ async def test_sigterm_mid_stream_loses_nothing(settings: Settings, tmp_path: Pa
         await eventually(lambda: incidents(db) == (VALID, VALID), timeout=180)
         await eventually(lambda: _zero(queue_depth(work_queues)), timeout=30)
         await eventually(lambda: _equals(queue_depth([topology.dlq]), POISON), timeout=30)
-        assert await stop(second) == 0, log.read_text()[-3000:]
+        assert await sigterm(second) == 0, log.read_text()[-3000:]
 
     assert incidents(db) == (VALID, VALID)
     assert await queue_depth(work_queues) == 0

@@ -164,7 +164,10 @@ class SqliteStore:
         await self._db.close()
 
     @asynccontextmanager
-    async def transaction(self, idempotency_key: str) -> AsyncIterator[_Transaction]:
+    async def transaction(
+        self, idempotency_key: str, dedup_keys: Collection[str] = (), scopes: Collection[tuple[str, str]] = ()
+    ) -> AsyncIterator[_Transaction]:
+        """``dedup_keys`` and ``scopes`` are hints for stores with round trips to save; not used here."""
         async with self._lock:
             await self._db.execute("BEGIN IMMEDIATE")
             try:

@@ -193,6 +193,10 @@ class TestPostgresStore(StoreContract):
                 rows = await conn.fetch(f'SELECT version FROM "{pg_schema}".schema_migrations')
             finally:
                 await conn.close()
-            assert [r["version"] for r in rows] == ["0001_incidents", "0002_lock_and_read"]
+            assert [r["version"] for r in rows] == [
+                "0001_incidents",
+                "0002_lock_and_read",
+                "0003_begin_in_one_round_trip",
+            ]
         finally:
             await drop_schema(pg_schema)

@@ -46,7 +46,7 @@ _UPSERT = """
 INSERT INTO incidents (id, dedup_key, status, severity, service, environment, correlation_group,
                        created_at, last_event_at, doc)
 SELECT id, dedup_key, status, severity, service, environment, correlation_group, created_at, last_event_at,
-       doc::jsonb
+       doc::json
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
             $8::timestamptz[], $9::timestamptz[], $10::text[]) WITH ORDINALITY
      AS r(id, dedup_key, status, severity, service, environment, correlation_group, created_at,

@@ -12,7 +12,7 @@ redelivery-safe.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -69,8 +69,14 @@ class _Work:
         opened at once agree on their correlation group), and then all of them at once, after the
         dedup keys: every transaction locks in that order, so none waits on another in a cycle.
         """
-        self._scopes = sorted({scope for scope in scopes if scope[0]})
+        self._scopes = _Work.scopes(scopes)
         self.latest = await self._tx.latest(dedup_keys)
+
+    @staticmethod
+    def scopes(scopes: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The scopes :meth:`load` would lock (incidents without a service are not correlated), for
+        announcing them to ``store.transaction``."""
+        return sorted({scope for scope in scopes if scope[0]})
 
     async def fire(self, key: str, at: datetime, actor: str, fields: Fields, note: str = "") -> Incident:
         """Open an incident, count an occurrence on the open one (dedup), or open a successor."""
@@ -135,13 +141,14 @@ async def alertmanager_webhook(
     cmd: AlertmanagerWebhook, ctx: Context, store: IncidentStore, policy: IncidentPolicy
 ) -> None:
     """Each alert of the batch, by fingerprint: firing opens (or counts an occurrence), resolved resolves."""
-    async with store.transaction(ctx.idempotency_key) as tx:
+    alerts = [(_alert_key(a), a, {**cmd.common_labels, **a.labels}) for a in cmd.alerts]
+    keys = [key for key, _, _ in alerts]
+    scopes = _Work.scopes(_scope(labels, policy) for _, _, labels in alerts)
+    async with store.transaction(ctx.idempotency_key, keys, scopes) as tx:
         if tx.already_processed:
             return
         work = _Work(tx, ctx, policy)
-        alerts = [(_alert_key(a), a, {**cmd.common_labels, **a.labels}) for a in cmd.alerts]
-        scopes = {_scope(labels, policy) for _, _, labels in alerts}
-        await work.load([key for key, _, _ in alerts], scopes)
+        await work.load(keys, scopes)
         for key, alert, labels in alerts:
             fields = _alert_fields(cmd, alert, labels, policy)
             if alert.status == "firing":

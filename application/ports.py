@@ -61,7 +61,18 @@ class Transaction(Protocol):
 
 
 class IncidentStore(Protocol):
-    def transaction(self, idempotency_key: str) -> AbstractAsyncContextManager[Transaction]: ...
+    def transaction(
+        self, idempotency_key: str, dedup_keys: Collection[str] = (), scopes: Collection[tuple[str, str]] = ()
+    ) -> AbstractAsyncContextManager[Transaction]:
+        """A transaction under ``idempotency_key`` (see :class:`Transaction`).
+
+        ``dedup_keys`` and ``scopes``, when given, announce the handler's first ``latest`` and
+        ``open_groups`` calls: the store may lock and read them together with the idempotency record
+        (one round trip in PostgreSQL) and serve those calls from what it read. Announce every scope the
+        transaction may ask for, or none: what the store locked early it holds to the end, and a later
+        lock outside that set would break the one lock order.
+        """
+        ...
 
     async def get(self, incident_id: UUID) -> Incident | None: ...
 

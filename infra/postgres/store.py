@@ -10,7 +10,12 @@ Serialisation: before reading an incident a transaction takes ``pg_advisory_xact
 key (hashed) - a row lock cannot cover a key that has no incident yet, and two concurrent firings of a
 new fingerprint must not open two incidents. Locks are taken in hash order in one statement, so
 transactions never deadlock; a unique partial index (one unresolved incident per dedup key) is the
-safety net. Writes are buffered and sent at commit in one pipelined ``executemany``.
+safety net. Writes are buffered and sent at commit in one statement.
+
+Round trips: a handler that names its dedup keys and correlation scopes when it opens the transaction
+(``transaction(key, dedup_keys, scopes)``) has the idempotency insert, the locks and the reads done by one
+function call (``incidentd_begin``, migration 0003), so a message costs BEGIN, that call, the write and
+COMMIT. Connections go back to the pool without asyncpg's reset query (see :func:`_keep_session`).
 """
 
 from __future__ import annotations
@@ -31,12 +36,22 @@ _LOCK = (
     "(SELECT DISTINCT hashtext(k) AS h FROM unnest($1::text[]) AS k ORDER BY 1) AS ordered"
 )
 # Lock, then read under the locks: functions of migration 0002 (one round trip each).
+_BEGIN = "SELECT * FROM incidentd_begin($1, $2::text[], $3::text[], $4::text[], $5::text[], $6)"
+_PROCESSED = "INSERT INTO processed_messages (key) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true"
 _LATEST = "SELECT incidentd_latest($1::text[], $2)"
 _OPEN_GROUPS = "SELECT * FROM incidentd_open_groups($1::text[], $2, $3::text[], $4::text[])"
+# Every staged incident in one statement, in staging order (so ``seq`` orders a successor after the
+# incident it follows, as separate inserts would).
 _UPSERT = """
 INSERT INTO incidents (id, dedup_key, status, severity, service, environment, correlation_group,
                        created_at, last_event_at, doc)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb)
+SELECT id, dedup_key, status, severity, service, environment, correlation_group, created_at, last_event_at,
+       doc::json
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::timestamptz[], $9::timestamptz[], $10::text[]) WITH ORDINALITY
+     AS r(id, dedup_key, status, severity, service, environment, correlation_group, created_at,
+          last_event_at, doc, n)
+ORDER BY n
 ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, severity = EXCLUDED.severity,
     service = EXCLUDED.service, environment = EXCLUDED.environment,
     correlation_group = EXCLUDED.correlation_group, last_event_at = EXCLUDED.last_event_at, doc = EXCLUDED.doc
@@ -48,6 +63,20 @@ def _row(i: Incident) -> tuple[Any, ...]:
             i.created_at, i.last_event_at, i.model_dump_json())  # fmt: skip
 
 
+def _scope_key(scope: tuple[str, str]) -> str:
+    return f"correlation:{scope[0]}/{scope[1]}"
+
+
+async def _keep_session(conn: Any) -> None:
+    """The pool's reset: nothing beyond asyncpg's own (it rolls back an unfinished transaction first).
+
+    asyncpg's default sends ``RESET ALL; CLOSE ALL; UNLISTEN *; pg_advisory_unlock_all()`` on every
+    release - a round trip per message for state this store never leaves in a session: its settings
+    are connection parameters (search_path), its locks are transaction locks, and it opens no cursors
+    and listens to nothing (the migrations' session lock is taken on a connection of their own).
+    """
+
+
 class _Transaction:
     def __init__(self, conn: Any, already_processed: bool) -> None:
         self._conn = conn
@@ -55,6 +84,39 @@ class _Transaction:
         self._locked: set[str] = set()
         self._loaded: dict[UUID, Status] = {}
         self.staged: dict[UUID, tuple[Incident, Status | None]] = {}
+        # What incidentd_begin already locked and read, served by the first latest() / open_groups().
+        self._prefetched: dict[str, Incident | None] = {}
+        self._prefetched_groups: dict[tuple[str, str], list[OpenGroup]] | None = None
+
+    @classmethod
+    async def begin(
+        cls, conn: Any, idempotency_key: str, dedup_keys: Collection[str], scopes: Collection[tuple[str, str]]
+    ) -> _Transaction:
+        """Record the key; when the handler named its keys, lock and read them in the same round trip."""
+        if not dedup_keys:
+            first = await conn.fetchval(_PROCESSED, idempotency_key)
+            return cls(conn, already_processed=first is None)
+        keys, wanted = sorted(set(dedup_keys)), sorted(set(scopes))
+        services, environments = [s for s, _ in wanted], [e for _, e in wanted]
+        scope_keys = [_scope_key(scope) for scope in wanted]
+        rows = await conn.fetch(_BEGIN, idempotency_key, keys, scope_keys, services, environments,
+                                _LOCK_NAMESPACE)  # fmt: skip
+        if rows and rows[0][0] == "processed":
+            return cls(conn, already_processed=True)
+        tx = cls(conn, already_processed=False)
+        tx._locked.update(keys)
+        tx._prefetched = dict.fromkeys(keys)
+        groups: dict[tuple[str, str], list[OpenGroup]] = {scope: [] for scope in wanted}
+        for kind, doc, *group in rows:
+            if kind == "incident":
+                incident = tx._loaded_incident(doc)
+                tx._prefetched[incident.dedup_key] = incident
+            elif kind == "group":
+                groups[group[1], group[2]].append(OpenGroup(*group))
+            elif kind == "scopes":
+                tx._locked.update(scope_keys)
+                tx._prefetched_groups = groups
+        return tx
 
     async def lock(self, keys: Iterable[str]) -> None:
         new = sorted(set(keys) - self._locked)
@@ -63,9 +125,16 @@ class _Transaction:
             self._locked.update(new)
 
     async def latest(self, dedup_keys: Collection[str]) -> dict[str, Incident]:
-        keys = list(dedup_keys)
+        found: dict[str, Incident] = {}
+        keys = []
+        for key in dedup_keys:
+            if key not in self._prefetched:
+                keys.append(key)
+            elif (prefetched := self._prefetched.pop(key)) is not None:
+                found[key] = prefetched
+        if not keys:
+            return found
         self._locked.update(keys)
-        found = {}
         for record in await self._conn.fetch(_LATEST, keys, _LOCK_NAMESPACE):
             incident = self._loaded_incident(record[0])
             found[incident.dedup_key] = incident
@@ -80,7 +149,10 @@ class _Transaction:
         return self._loaded_incident(doc)
 
     async def open_groups(self, scopes: Collection[tuple[str, str]]) -> list[OpenGroup]:
-        keys = [f"correlation:{service}/{environment}" for service, environment in scopes]
+        prefetched, self._prefetched_groups = self._prefetched_groups, None
+        if prefetched is not None and all(scope in prefetched for scope in scopes):
+            return [group for scope in scopes for group in prefetched[scope]]
+        keys = [_scope_key(scope) for scope in scopes]
         self._locked.update(keys)
         services, environments = zip(*scopes, strict=True) if scopes else ((), ())
         rows = await self._conn.fetch(_OPEN_GROUPS, keys, _LOCK_NAMESPACE, list(services), list(environments))
@@ -96,11 +168,9 @@ class _Transaction:
         self.staged[incident.id] = (incident, previous)
 
     async def flush(self) -> None:
-        rows = [_row(incident) for incident, _ in self.staged.values()]
-        if len(rows) == 1:
-            await self._conn.execute(_UPSERT, *rows[0])
-        elif rows:
-            await self._conn.executemany(_UPSERT, rows)
+        if self.staged:
+            columns = zip(*(_row(incident) for incident, _ in self.staged.values()), strict=True)
+            await self._conn.execute(_UPSERT, *(list(column) for column in columns))
 
     def _loaded_incident(self, doc: str) -> Incident:
         incident = Incident.model_validate_json(doc)
@@ -120,26 +190,25 @@ class PostgresStore:
     ) -> PostgresStore:  # fmt: skip
         """Create the pool and apply pending migrations; ``schema``, when set, is the search_path."""
         settings = {"search_path": schema} if schema else None
-        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, server_settings=settings)
+        conn = await asyncpg.connect(dsn, server_settings=settings)
         try:
-            async with pool.acquire() as conn:
-                await migrate(conn, schema)
-        except BaseException:
-            await pool.close()
-            raise
+            await migrate(conn, schema)
+        finally:
+            await conn.close()
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, server_settings=settings, reset=_keep_session
+        )
         return cls(pool, observer)
 
     async def close(self) -> None:
         await self._pool.close()
 
     @asynccontextmanager
-    async def transaction(self, idempotency_key: str) -> AsyncIterator[_Transaction]:
+    async def transaction(
+        self, idempotency_key: str, dedup_keys: Collection[str] = (), scopes: Collection[tuple[str, str]] = ()
+    ) -> AsyncIterator[_Transaction]:
         async with self._pool.acquire() as conn, conn.transaction():
-            first = await conn.fetchval(
-                "INSERT INTO processed_messages (key) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true",
-                idempotency_key,
-            )
-            tx = _Transaction(conn, already_processed=first is None)
+            tx = await _Transaction.begin(conn, idempotency_key, dedup_keys, scopes)
             yield tx
             await tx.flush()
         if self._observer is not None:

@@ -8,6 +8,7 @@ asyncio lock); that is also what makes concurrent messages about the same incide
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Collection, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -96,14 +97,15 @@ class _Transaction:
         """Nothing to do: the whole transaction already holds SQLite's one write lock."""
 
     async def latest(self, dedup_keys: Collection[str]) -> dict[str, Incident]:
-        found: dict[str, Incident] = {}
-        for key in dedup_keys:
-            incident = await self._one(
-                "SELECT doc FROM incidents WHERE dedup_key = ? ORDER BY rowid DESC LIMIT 1", key
-            )
-            if incident is not None:
-                found[key] = incident
-        return found
+        """One query for all the keys (each call is a hop to aiosqlite's thread and back)."""
+        sql = (
+            "SELECT doc FROM incidents WHERE rowid IN (SELECT max(rowid) FROM incidents "
+            "WHERE dedup_key IN (SELECT value FROM json_each(?)) GROUP BY dedup_key)"
+        )
+        async with self._db.execute(sql, (json.dumps(list(dedup_keys)),)) as cursor:
+            rows = await cursor.fetchall()
+        found = (self._loaded_incident(row[0]) for row in rows)
+        return {incident.dedup_key: incident for incident in found}
 
     async def get(self, incident_id: UUID) -> Incident | None:
         return await self._one("SELECT doc FROM incidents WHERE id = ?", str(incident_id))
@@ -124,22 +126,26 @@ class _Transaction:
         ]
 
     async def add(self, incident: Incident) -> None:
-        await self._db.execute(_UPSERT, _row(incident))
         self.changed[incident.id] = (incident, None)
 
     async def update(self, incident: Incident) -> None:
-        await self._db.execute(_UPSERT, _row(incident))
         previous = (
             self.changed[incident.id][1] if incident.id in self.changed else self._loaded.get(incident.id)
         )
         self.changed[incident.id] = (incident, previous)
 
+    async def flush(self) -> None:
+        """Write what the transaction changed, in the order it was first staged (one hop, not one each)."""
+        if self.changed:
+            await self._db.executemany(_UPSERT, [_row(incident) for incident, _ in self.changed.values()])
+
     async def _one(self, sql: str, *args: str) -> Incident | None:
         async with self._db.execute(sql, args) as cursor:
             row = await cursor.fetchone()
-        if row is None:
-            return None
-        incident = Incident.model_validate_json(row[0])
+        return None if row is None else self._loaded_incident(row[0])
+
+    def _loaded_incident(self, doc: str) -> Incident:
+        incident = Incident.model_validate_json(doc)
         self._loaded.setdefault(incident.id, incident.status)
         return incident
 
@@ -164,7 +170,10 @@ class SqliteStore:
         await self._db.close()
 
     @asynccontextmanager
-    async def transaction(self, idempotency_key: str) -> AsyncIterator[_Transaction]:
+    async def transaction(
+        self, idempotency_key: str, dedup_keys: Collection[str] = (), scopes: Collection[tuple[str, str]] = ()
+    ) -> AsyncIterator[_Transaction]:
+        """``dedup_keys`` and ``scopes`` are hints for stores with round trips to save; not used here."""
         async with self._lock:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -174,6 +183,7 @@ class SqliteStore:
                     seen = await cursor.fetchone() is not None
                 tx = _Transaction(self._db, seen)
                 yield tx
+                await tx.flush()
                 if not seen:
                     await self._db.execute(
                         "INSERT INTO processed_messages (key, processed_at) VALUES (?, ?)",

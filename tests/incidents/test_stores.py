@@ -149,6 +149,36 @@ class StoreContract:
         assert (await store.get(cart.id)).dedup_key == "alertmanager:fp-b"
         assert await store.count_active() == {("low", "cart"): 1}
 
+    async def test_one_message_resolving_and_reopening_writes_both(self, store: Any) -> None:
+        """One batch that resolves an open incident and then fires again later keeps both: the resolved
+        incident and its successor, the latest of its key (the store writes them in that order)."""
+        fired = payload("alertmanager_firing")["alerts"][0] | {"fingerprint": "fp-r"}
+        await self.deliver(store, Delivery(firing("fp-r", startsAt=fired["startsAt"])))
+        resolved = payload("alertmanager_resolved")["alerts"][0] | {"fingerprint": "fp-r"}
+        again = fired | {"startsAt": "2026-11-23T11:00:00Z"}
+        data = payload("alertmanager_firing") | {"alerts": [resolved, again]}
+        body = json.dumps(data).encode()
+        await self.deliver(store, Delivery(Message(body, {TYPE_ATTR: "alertmanager.webhook"}, "both")))
+        latest, first = await store.list()
+        assert (first.status, latest.status) == ("resolved", "open")
+        assert latest.predecessor == first.id
+        async with store.transaction("read", ["alertmanager:fp-r"]) as tx:
+            assert (await tx.latest(["alertmanager:fp-r"]))["alertmanager:fp-r"].id == latest.id
+
+    async def test_announced_keys_are_read_like_unannounced_ones(self, store: Any) -> None:
+        """A transaction told its dedup keys and scopes up front returns what one told nothing returns."""
+        await self.deliver(store, Delivery(firing("fp-a")), Delivery(firing("fp-b")))
+        keys, scopes = (
+            ["alertmanager:fp-a", "alertmanager:fp-b", "alertmanager:none"],
+            [("checkout", "production")],
+        )
+        async with store.transaction("told", keys, scopes) as told:
+            announced = (await told.latest(keys), await told.open_groups(scopes))
+        async with store.transaction("not-told") as plain:
+            unannounced = (await plain.latest(keys), await plain.open_groups(scopes))
+        assert announced == unannounced
+        assert set(announced[0]) == {"alertmanager:fp-a", "alertmanager:fp-b"} and len(announced[1]) == 1
+
 
 def _now() -> Any:
     from datetime import UTC, datetime
@@ -175,6 +205,49 @@ class TestPostgresStore(StoreContract):
         await store.close()
         await drop_schema(pg_schema)
 
+    async def test_incidents_stored_before_the_later_migrations_are_read_after_them(
+        self, pg_schema: str, tmp_path: Any
+    ) -> None:
+        """A schema at migration 0002 with incidents in it is brought up to date at start-up, and the
+        store reads and updates those incidents (the document column changed from jsonb to json)."""
+        postgres_available()
+        import shutil
+
+        import asyncpg
+
+        from infra.postgres.migrate import MIGRATIONS, migrate
+        from infra.postgres.store import PostgresStore
+
+        for name in ("0001_incidents.sql", "0002_lock_and_read.sql"):
+            shutil.copy(MIGRATIONS / name, tmp_path / name)
+        try:
+            conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
+            try:
+                await migrate(conn, pg_schema, tmp_path)
+                incident = Incident.open(at=_now(), actor="t", message_id="m", title="old", source="manual",
+                                         dedup_key="k", service="svc")  # fmt: skip
+                await conn.execute(
+                    "INSERT INTO incidents (id, dedup_key, status, severity, service, created_at, "
+                    "last_event_at, doc) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb)",
+                    incident.id, "k", "open", "medium", "svc", incident.created_at, incident.created_at,
+                    incident.model_dump_json(),
+                )  # fmt: skip
+            finally:
+                await conn.close()
+            store = await PostgresStore.open(PG_DSN, schema=pg_schema, min_size=1, max_size=2)
+            try:
+                assert await store.get(incident.id) == incident
+                async with store.transaction("later", ["k"], [("svc", "")]) as tx:
+                    found = (await tx.latest(["k"]))["k"]
+                    found.record_occurrence(at=_now(), actor="t", message_id="n")
+                    await tx.update(found)
+                [after] = await store.list()
+                assert after.id == incident.id and after.occurrences == 2
+            finally:
+                await store.close()
+        finally:
+            await drop_schema(pg_schema)
+
     async def test_pods_starting_at_once_apply_each_migration_once(self, pg_schema: str) -> None:
         """Three stores opening a fresh schema at the same time all start; each migration is recorded once."""
         postgres_available()
@@ -193,6 +266,11 @@ class TestPostgresStore(StoreContract):
                 rows = await conn.fetch(f'SELECT version FROM "{pg_schema}".schema_migrations')
             finally:
                 await conn.close()
-            assert [r["version"] for r in rows] == ["0001_incidents", "0002_lock_and_read"]
+            assert [r["version"] for r in rows] == [
+                "0001_incidents",
+                "0002_lock_and_read",
+                "0003_begin_in_one_round_trip",
+                "0004_doc_as_json",
+            ]
         finally:
             await drop_schema(pg_schema)

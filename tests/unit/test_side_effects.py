@@ -118,8 +118,8 @@ class FlakyStore:
         self.fail_on = ""
 
     @asynccontextmanager
-    async def transaction(self, idempotency_key: str) -> AsyncIterator[Any]:
-        async with self._store.transaction(idempotency_key) as tx:
+    async def transaction(self, idempotency_key: str, *announced: Any) -> AsyncIterator[Any]:
+        async with self._store.transaction(idempotency_key, *announced) as tx:
             yield tx
             if self.fail_on and self.fail_on in idempotency_key:
                 self.fail_on = ""

@@ -222,7 +222,7 @@ async def store_rows(schema: str) -> tuple[list[tuple[str, int, int, str]], list
     """(dedup key, occurrences, timeline entries, opening message id) per incident; processed message ids."""
     async with database(schema) as conn:
         incidents = await conn.fetch(
-            "SELECT dedup_key, (doc->>'occurrences')::int, jsonb_array_length(doc->'timeline'), "
+            "SELECT dedup_key, (doc->>'occurrences')::int, json_array_length(doc->'timeline'), "
             "doc->'timeline'->0->>'message_id' FROM incidents"
         )
         processed = await conn.fetch("SELECT key FROM processed_messages")

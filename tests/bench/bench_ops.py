@@ -1,6 +1,6 @@
 """Cost of the ops pieces: the per-message metrics observer, a /metrics render, and the RSS they add.
 
-    /work/venv/bin/python tests/bench/bench_ops.py
+    python tests/bench/bench_ops.py
 
 Prints numbers; asserts nothing (tests/bench is not collected by pytest).
 """

@@ -1,6 +1,6 @@
 """RabbitMQ consumer benchmark: (A) plain aio-pika vs (B) the incidentd worker path.
 
-    /work/venv/bin/python tests/bench/rabbitmq_bench.py [--messages 50000] [--rounds 3]
+    python tests/bench/rabbitmq_bench.py [--messages 50000] [--rounds 3]
 
 Alternates A B A B A B. Before each run the parent fills a fresh quorum queue (declared by incidentd's
 topology) with N JSON messages of about 300 bytes; the run itself is a subprocess that only consumes, so

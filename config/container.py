@@ -115,6 +115,13 @@ async def rabbitmq_broker(settings: Settings) -> AsyncIterator[Broker]:
         yield broker
 
 
+async def pubsub_broker(settings: Settings) -> AsyncIterator[Broker]:
+    from infra.pubsub import open_broker
+
+    async with open_broker(settings) as broker:
+        yield broker
+
+
 # --- adapters: Kubernetes and AWS (created only when enabled; handlers get None otherwise) -----------
 
 
@@ -256,6 +263,7 @@ class Container(containers.DeclarativeContainer):
         settings.provided.broker,
         memory=providers.Resource(memory_broker, settings),
         rabbitmq=providers.Resource(rabbitmq_broker, settings),
+        pubsub=providers.Resource(pubsub_broker, settings),
     )
     policy = providers.Singleton(
         IncidentPolicy,

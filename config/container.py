@@ -119,6 +119,13 @@ async def rabbitmq_broker(settings: Settings, metrics: Metrics) -> AsyncIterator
         yield broker
 
 
+async def pubsub_broker(settings: Settings) -> AsyncIterator[Broker]:
+    from infra.pubsub import open_broker
+
+    async with open_broker(settings) as broker:
+        yield broker
+
+
 # --- adapters: Kubernetes and AWS (created only when enabled; handlers get None otherwise) -----------
 
 
@@ -261,6 +268,7 @@ class Container(containers.DeclarativeContainer):
         settings.provided.broker,
         memory=providers.Resource(memory_broker, settings),
         rabbitmq=providers.Resource(rabbitmq_broker, settings, metrics),
+        pubsub=providers.Resource(pubsub_broker, settings),
     )
     policy = providers.Singleton(
         IncidentPolicy,

@@ -95,6 +95,41 @@ class Settings(BaseSettings):
     rabbitmq_queue: str = "incidentd"
     rabbitmq_queue_type: Literal["quorum", "classic"] = "quorum"
 
+    # --- pubsub (infra/pubsub; docs/pubsub.md) -----------------------------------------------------
+    # Flow control is derived, like RabbitMQ's prefetch: at most 2 x concurrency messages outstanding.
+    pubsub_project: str = ""  # required with broker=pubsub (the emulator accepts any name)
+    pubsub_topic: str = "incidentd"
+    pubsub_subscription: str = "incidentd-worker"
+    pubsub_dead_letter_topic: str = ""  # empty: "<pubsub_topic>.dlq"
+    pubsub_dead_letter_subscription: str = ""  # empty: "<pubsub_subscription>.dlq" (for `dlq ...`)
+    # Set when `setup` creates the subscription; the client extends leases while a handler runs.
+    pubsub_ack_deadline: int = Field(default=60, ge=10, le=600)
+    # Native dead_letter_policy, a backstop for messages that never reach a handler (0: none); incidentd
+    # dead-letters with the reason itself, long before (see docs/pubsub.md).
+    pubsub_max_delivery_attempts: int = Field(default=20, ge=0, le=100)
+    # The subscription's retry policy for nacks and expired leases (0 and 0: none, redeliver at once).
+    pubsub_retry_min_backoff: float = Field(default=1.0, ge=0, le=600)
+    pubsub_retry_max_backoff: float = Field(default=10.0, ge=0, le=600)
+    pubsub_max_outstanding_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
+    # The longest single lease extension (and the stream's ack deadline): how long the messages of a
+    # worker that died stay invisible before Pub/Sub redelivers them.
+    pubsub_max_lease_extension: int = Field(default=60, ge=10, le=600)
+    pubsub_publish_timeout: float = Field(default=30.0, gt=0)
+
+    @field_validator("pubsub_project")
+    @classmethod
+    def _project_for_pubsub(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("broker") == "pubsub" and not value:
+            raise ValueError("a project is required when broker is pubsub")
+        return value
+
+    @field_validator("pubsub_max_delivery_attempts")
+    @classmethod
+    def _pubsub_attempts(cls, value: int) -> int:
+        if 0 < value < 5:
+            raise ValueError("Pub/Sub allows 5 to 100 (or 0: no dead-letter policy)")
+        return value
+
     # --- adapters: Kubernetes and AWS (docs/adapters.md) ----------------------------------------------
     # Actions that change systems (rollout restart, scale, EC2 reboot, Lambda invoke) only log and
     # report what they would do while this is on. Reads, the S3 archive and metrics are unaffected.

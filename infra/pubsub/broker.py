@@ -1,0 +1,69 @@
+"""The Pub/Sub clients and the subscriber, publisher and dead-letter queue over them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import structlog
+
+from infra.pubsub.dlq import PubSubDeadLetters
+from infra.pubsub.publisher import PubSubPublisher
+from infra.pubsub.subscriber import PubSubSubscriber
+from infra.pubsub.topology import Topology, create, flow_control
+
+if TYPE_CHECKING:
+    from google.cloud.pubsub_v1 import PublisherClient, SubscriberClient
+    from google.cloud.pubsub_v1.types import FlowControl
+
+    from config.settings import Settings
+
+log = structlog.get_logger("incidentd.pubsub")
+
+
+class PubSubBroker:
+    def __init__(
+        self,
+        publisher_client: PublisherClient,
+        subscriber_client: SubscriberClient,
+        topology: Topology,
+        flow: FlowControl,
+        *,
+        publish_timeout: float = 30.0,
+    ) -> None:
+        self.topology = topology
+        self._publisher_client = publisher_client
+        self._subscriber_client = subscriber_client
+        self.publisher = PubSubPublisher(publisher_client, topology.topic_path, timeout=publish_timeout)
+        self.subscriber = PubSubSubscriber(subscriber_client, topology, self.publisher, flow)
+        self.dead_letters = PubSubDeadLetters(subscriber_client, topology, self.publisher)
+
+    async def setup(self) -> None:
+        """Create both topics and both subscriptions where missing (idempotent)."""
+        await asyncio.to_thread(create, self._publisher_client, self._subscriber_client, self.topology)
+        log.info("pubsub.topology_ready", topic=self.topology.topic_path,
+                 subscription=self.topology.subscription_path,
+                 dead_letter_subscription=self.topology.dead_letter_subscription_path)  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def open_broker(settings: Settings) -> AsyncIterator[PubSubBroker]:
+    """Create the clients (they honour ``PUBSUB_EMULATOR_HOST``) and yield the broker. On exit the
+    subscriber is closed first (its stream's last acks flushed), then the publisher's batches are sent,
+    then the channels are closed."""
+    from google.cloud import pubsub_v1
+
+    publisher_client = pubsub_v1.PublisherClient()
+    subscriber_client = pubsub_v1.SubscriberClient()
+    broker = PubSubBroker(
+        publisher_client, subscriber_client, Topology.from_settings(settings), flow_control(settings),
+        publish_timeout=settings.pubsub_publish_timeout,
+    )  # fmt: skip
+    try:
+        yield broker
+    finally:
+        await broker.subscriber.close()  # idempotent; a no-op after the worker closed it
+        await asyncio.to_thread(publisher_client.stop)
+        await asyncio.to_thread(subscriber_client.close)

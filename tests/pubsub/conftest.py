@@ -1,0 +1,108 @@
+"""Fixtures for tests against the Pub/Sub emulator, started once per session on a free port: unique
+topics and subscriptions per test, deleted after."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from config.settings import Settings, load
+from infra.pubsub.topology import Topology
+from tests.pubsub import emulator
+from tests.services import require
+
+PROJECT = "incidentd-test"
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator() -> Iterator[str]:
+    """``host:port`` of the emulator; PUBSUB_EMULATOR_HOST is set for the session (and so for the
+    worker processes tests start)."""
+    script = emulator.launcher()
+    require(script is not None, f"the Pub/Sub emulator ({emulator.PACKAGE}) and Java", emulator.START_WITH)
+    assert script is not None
+    previous = os.environ.get("PUBSUB_EMULATOR_HOST")
+    with emulator.running(script) as host:
+        os.environ["PUBSUB_EMULATOR_HOST"] = host
+        try:
+            yield host
+        finally:
+            if previous is None:
+                os.environ.pop("PUBSUB_EMULATOR_HOST", None)
+            else:
+                os.environ["PUBSUB_EMULATOR_HOST"] = previous
+
+
+def pubsub_settings(**overrides: object) -> Settings:
+    """Settings for a test of its own: topic and subscriptions named with a random suffix. No retry
+    policy by default, so a nack is redelivered (and counted by ``waiting``) at once."""
+    suffix = uuid.uuid4().hex[:10]
+    values: dict[str, object] = {
+        "broker": "pubsub",
+        "pubsub_project": PROJECT,
+        "pubsub_topic": f"incidentd-test-{suffix}",
+        "pubsub_subscription": f"incidentd-test-{suffix}",
+        "pubsub_retry_min_backoff": 0,
+        "pubsub_retry_max_backoff": 0,
+        # Short leases: what a stopped or killed worker held comes back within ~10 s (the emulator also
+        # keeps assigning messages to a stream it failed to close: docs/pubsub.md, "Emulator").
+        "pubsub_max_lease_extension": 10,
+        "pubsub_ack_deadline": 10,
+    }
+    return load(**(values | overrides))
+
+
+def _delete(topology: Topology) -> None:
+    from google.api_core.exceptions import NotFound
+    from google.cloud import pubsub_v1
+
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    with subscriber:
+        for name in (topology.subscription_path, topology.dead_letter_subscription_path):
+            with contextlib.suppress(NotFound):
+                subscriber.delete_subscription(subscription=name)
+        for name in (topology.topic_path, topology.dead_letter_topic_path):
+            with contextlib.suppress(NotFound):
+                publisher.delete_topic(topic=name)
+
+
+async def delete_topology(topology: Topology) -> None:
+    await asyncio.to_thread(_delete, topology)
+
+
+def _waiting(subscription_path: str) -> int:
+    """Messages deliverable now on a subscription: pulled (twice, until empty) and nacked back."""
+    from google.cloud import pubsub_v1
+
+    with pubsub_v1.SubscriberClient() as subscriber:
+        ack_ids: list[str] = []
+        ids: set[str] = set()
+        for _ in range(2):
+            response = subscriber.pull(
+                subscription=subscription_path, max_messages=1000, return_immediately=True, timeout=10
+            )
+            for received in response.received_messages:
+                ack_ids.append(received.ack_id)
+                ids.add(received.message.message_id)
+        if ack_ids:
+            subscriber.modify_ack_deadline(
+                subscription=subscription_path, ack_ids=ack_ids, ack_deadline_seconds=0
+            )
+        return len(ids)
+
+
+async def waiting(subscription_path: str) -> int:
+    return await asyncio.to_thread(_waiting, subscription_path)
+
+
+@pytest.fixture
+async def settings(pubsub_emulator: str) -> AsyncIterator[Settings]:
+    """Settings naming a fresh topology (not yet created); it is deleted after the test."""
+    settings = pubsub_settings(retry_backoff=[0.2, 0.4])
+    yield settings
+    await delete_topology(Topology.from_settings(settings))

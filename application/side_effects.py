@@ -254,14 +254,14 @@ async def _open_issues(
     for _, incident in found:
         if ISSUE_LINK in incident.links or not tracker.tracks(incident) or not _opened_by(incident, mid):
             continue
-        issue = await tracker.find_issue(incident) if retried else None
-        if issue is None:
-            try:
+        try:  # the look for an earlier attempt's issue too: a revoked token must not dead-letter
+            issue = await tracker.find_issue(incident) if retried else None
+            if issue is None:
                 issue = await tracker.open_issue(incident)
-            except PermanentError as exc:
-                log.error("side_effect.failed", effect="github.open_issue", incident_id=str(incident.id),
-                          error=str(exc))  # fmt: skip
-                continue
+        except PermanentError as exc:
+            log.error("side_effect.failed", effect="github.open_issue", incident_id=str(incident.id),
+                      error=str(exc))  # fmt: skip
+            continue
         issues[incident.id] = issue
 
 

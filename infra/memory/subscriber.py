@@ -56,7 +56,11 @@ class MemorySubscriber:
                 self._queue.put_later(redelivered(message), outcome.delay)
                 return  # still outstanding until the copy is settled
             if outcome.disposition is Disposition.DEAD_LETTER:
-                await self._dead_letters.add(dead_letter(message, outcome.reason, outcome.error))
+                try:
+                    await self._dead_letters.add(dead_letter(message, outcome.reason, outcome.error))
+                except BaseException:
+                    self._queue.ready.put_nowait(message)  # not stored: hand it back, as a nack would
+                    raise
             self._queue.done()
         finally:
             self._credit.release()

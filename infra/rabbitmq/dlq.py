@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from application.errors import BrokerOperationError
-from application.messages import TYPE_ATTR, Message
+from application.messages import REPLAYED_AT_ATTR, TYPE_ATTR, Message
 from application.ports import DeadLetter, ReplayReport
 from infra.rabbitmq import message as amqp
 
@@ -39,9 +39,13 @@ class RabbitDeadLetters:
         self, *, validate: Callable[[Message], object], limit: int | None = None, dry_run: bool = False
     ) -> ReplayReport:
         report = ReplayReport()
+        stamps: set[str] = set()  # the replayed-at headers of the copies this run published
         async with self._session() as (channel, queue):
             exchange = await channel.get_exchange(self._topology.exchange, ensure=False)
             async for incoming in _take(queue, limit):
+                if amqp.text(incoming.headers.get(REPLAYED_AT_ATTR, "")) in stamps:
+                    continue  # replayed by this run and dead-lettered again: held for the next run, else
+                    # a worker failing it at once would keep this run going round forever
                 letter = amqp.dead_letter_of(incoming)
                 message_id = letter.message_id or f"(no id, tag {incoming.delivery_tag})"
                 try:
@@ -51,10 +55,10 @@ class RabbitDeadLetters:
                     continue
                 if not dry_run:
                     routing_key = letter.extra.get("routing_key") or letter.attributes.get(TYPE_ATTR, "")
+                    copy = amqp.replay_copy(incoming)
+                    stamps.add(amqp.text(copy.headers[REPLAYED_AT_ATTR]))
                     try:
-                        await exchange.publish(
-                            amqp.replay_copy(incoming), routing_key=routing_key, mandatory=True
-                        )
+                        await exchange.publish(copy, routing_key=routing_key, mandatory=True)
                     except Exception as exc:  # not confirmed / unroutable: it stays dead-lettered
                         report.invalid[message_id] = (
                             f"could not publish to {self._topology.exchange}: {exc!r}"

@@ -7,6 +7,7 @@
   ``<queue>.dlq``, wait for the confirm, then ack the original.
 
 If the copy is not confirmed, the original is nacked (requeued) instead: it is redelivered, never lost.
+No copy is published for a delivery whose channel has closed: RabbitMQ has requeued it already.
 
 Acks are coalesced per channel (see :class:`Acks`): one ``basic.ack(multiple=True)`` covers a contiguous
 run of finished deliveries, which is what lets the worker beat a plain per-message-ack consumer.
@@ -54,6 +55,8 @@ class RabbitDelivery:
         buffered and sent within the ack interval, or by ``close()``."""
         if outcome.disposition is not Disposition.ACK:
             try:
+                if self._acks.channel.is_closed:  # RabbitMQ has requeued the original: a copy would be a twin
+                    raise ChannelInvalidStateError("the delivery's channel is closed; RabbitMQ redelivers it")
                 await self._subscriber.publish_copy(self, outcome)
             except BaseException:
                 await self._acks.nack(self)  # not confirmed: hand the original back, never drop it

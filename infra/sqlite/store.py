@@ -8,7 +8,9 @@ asyncio lock); that is also what makes concurrent messages about the same incide
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Collection, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -175,8 +177,10 @@ class SqliteStore:
     ) -> AsyncIterator[_Transaction]:
         """``dedup_keys`` and ``scopes`` are hints for stores with round trips to save; not used here."""
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
             try:
+                # Inside the try: a cancelled BEGIN (or COMMIT) still runs on aiosqlite's thread, and the
+                # ROLLBACK queued after it must end it, or every later BEGIN fails on this connection.
+                await self._db.execute("BEGIN IMMEDIATE")
                 async with self._db.execute(
                     "SELECT 1 FROM processed_messages WHERE key = ?", (idempotency_key,)
                 ) as cursor:
@@ -189,10 +193,11 @@ class SqliteStore:
                         "INSERT INTO processed_messages (key, processed_at) VALUES (?, ?)",
                         (idempotency_key, datetime.now(UTC).isoformat()),
                     )
+                await self._db.execute("COMMIT")
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.OperationalError):  # none active: BEGIN failed or COMMIT ran
+                    await self._db.execute("ROLLBACK")
                 raise
-            await self._db.execute("COMMIT")
         if self._observer is not None:
             for incident, previous in tx.changed.values():
                 self._observer.changed(incident, previous)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 
 import pytest
 
-from application.ports import Broker
+from application.ports import Broker, DeadLetter
 from infra.memory import MemoryBroker
 from infra.sqlite.dead_letters import SqliteDeadLetters
-from tests.contract.broker_contract import BrokerContract
+from tests.contract.broker_contract import BrokerContract, Ledger, make_dispatcher, running
 
 
 class TestMemoryBroker(BrokerContract):
@@ -32,3 +34,30 @@ class TestMemoryBroker(BrokerContract):
             return broker.queue.outstanding
 
         return count
+
+
+class FlakyDeadLetters(SqliteDeadLetters):
+    """The dead-letter store failing its first write (e.g. SQLite busy past its timeout, disk full)."""
+
+    failures = 1
+
+    async def add(self, letter: DeadLetter) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database is locked")
+        await super().add(letter)
+
+
+async def test_a_dead_letter_that_could_not_be_stored_is_handed_back_not_lost() -> None:
+    """The dead-letter write fails: the message goes back to the queue (like RabbitMQ's nack when the
+    dead-letter copy is not confirmed), is dead-lettered on its redelivery, and ``wait_idle`` (what
+    ``worker --from`` waits for) returns instead of waiting for it forever."""
+    broker = MemoryBroker(await FlakyDeadLetters.open(":memory:"), prefetch=4)
+    try:
+        await broker.publisher.publish(b"not json", {})
+        async with running(broker, make_dispatcher(Ledger())):
+            await asyncio.wait_for(broker.wait_idle(), 10)
+        [letter] = await broker.dead_letters.list()
+        assert letter.body == b"not json" and "undecodable" in letter.reason
+    finally:
+        await broker.close()

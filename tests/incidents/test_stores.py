@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -192,6 +193,33 @@ class TestSqliteStore(StoreContract):
         store = await SqliteStore.open(tmp_path / "incidents.db", recorder)
         yield store
         await store.close()
+
+    async def test_a_transaction_cancelled_while_it_begins_leaves_the_store_usable(
+        self, store: SqliteStore, tmp_path: Any
+    ) -> None:
+        """A handler cancelled (command timeout, shutdown deadline) while its BEGIN waits for SQLite's
+        write lock: the BEGIN still runs on aiosqlite's thread once the lock is free, and is rolled back,
+        so the next message's transaction starts (instead of every later one failing with "cannot start
+        a transaction within a transaction")."""
+        other = sqlite3.connect(tmp_path / "incidents.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # e.g. the dead-letter store's connection, writing
+
+        async def begin() -> None:
+            async with store.transaction("m-1"):
+                raise AssertionError("the transaction cannot have begun")
+
+        task = asyncio.create_task(begin())
+        await asyncio.sleep(0.2)  # its BEGIN is queued on the thread, waiting for the lock (busy_timeout 5 s)
+        task.cancel()
+        await asyncio.sleep(0)  # the task handles its cancellation before the lock is freed
+        other.execute("ROLLBACK")
+        other.close()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with store.transaction("m-2") as tx:
+            assert not tx.already_processed
+        async with store.transaction("m-1") as tx:
+            assert not tx.already_processed, "the cancelled message recorded nothing"
 
 
 class TestPostgresStore(StoreContract):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import aio_pika
@@ -144,3 +145,45 @@ async def _get_raw(queue_name: str) -> aio_pika.abc.AbstractIncomingMessage:
         message = await queue.get(no_ack=True, timeout=5)
         assert message is not None
         return message
+
+
+async def test_a_replay_run_replays_each_dead_letter_once_even_if_it_returns(settings: Settings) -> None:
+    """A replayed message that is dead-lettered again while the replay still runs (a worker failing it
+    permanently at once) is not replayed again by the same run: ``dlq replay`` ends, having replayed
+    each dead letter once, and leaves the copy in the DLQ for the next run. Here the DLQ is also bound
+    to the main exchange, so every replayed copy is back in it before its publish is even confirmed -
+    the fastest possible such worker."""
+    topology = Topology.from_settings(settings)
+    async with open_broker(settings) as broker:
+        await broker.setup()
+        for key in ("a", "b"):
+            await broker.publisher.publish(
+                Record(key=key).model_dump_json().encode(), {TYPE_ATTR: Record.TYPE}
+            )
+        await _move_all(topology.queue, topology.dlq)
+        await _bind(topology.dlq, topology.exchange)
+        validate = CommandFactory([Record]).decode
+        report = await asyncio.wait_for(broker.dead_letters.replay(validate=validate), 10)
+    assert len(report.replayed) == 2 and report.invalid == {}
+    assert await queue_depth([topology.queue]) == 2
+    await eventually(lambda: _depth_is([topology.dlq], 2))  # the copies it held, back in place
+
+
+async def _move_all(source: str, target: str) -> None:
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(source, passive=True)
+        while (message := await queue.get(fail=False, timeout=5)) is not None:
+            await channel.default_exchange.publish(
+                aio_pika.Message(message.body, headers=message.headers, message_id=message.message_id), target
+            )
+            await message.ack()
+
+
+async def _bind(queue_name: str, exchange: str) -> None:
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        await queue.bind(exchange, routing_key="#")

@@ -19,6 +19,7 @@ from infra.rabbitmq import open_broker
 from infra.rabbitmq.topology import Topology
 from tests.contract.broker_contract import Ledger, eventually, make_dispatcher, publish_records, running
 from tests.rabbitmq.conftest import queue_depth
+from tests.services import require
 from tests.workers import env_of, sigterm, worker_process
 
 VALID, POISON = 5_000, 50
@@ -130,8 +131,11 @@ async def test_broker_restart_while_consuming_loses_nothing(settings: Settings) 
     """RabbitMQ's app is stopped and started while the worker consumes: the worker reconnects on its
     own, the messages that were unacked come back, and every message is handled; none is left or
     dead-lettered."""
-    if not shutil.which("rabbitmqctl"):
-        pytest.skip("rabbitmqctl not installed (RabbitMQ is not local)")
+    require(
+        shutil.which("rabbitmqctl") is not None,
+        "rabbitmqctl (a local RabbitMQ)",
+        "bash .ci/install-rabbitmq.sh",
+    )
     settings = settings.model_copy(update={"rabbitmq_url": settings.rabbitmq_url + "?reconnect_interval=1"})
     keys = [f"r{i}" for i in range(2_000)]
     ledger = Ledger()

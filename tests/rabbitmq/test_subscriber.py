@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import pytest
+from aio_pika.exceptions import ChannelInvalidStateError
+
 from application.dispatcher import Context, Dispatcher, RetryPolicy, bind
 from application.factory import CommandFactory
+from application.messages import Delivery, Outcome
 from config.settings import Settings
 from infra.rabbitmq import open_broker
 from tests.contract.broker_contract import Record, eventually, publish_records, running
@@ -46,3 +50,24 @@ async def test_a_slow_message_does_not_hold_back_the_acks_of_later_ones(settings
             await stop()
         assert effects == Counter(keys)
         assert await queue_depth([broker.topology.queue]) == 0
+
+
+async def test_a_retry_after_the_channel_died_publishes_no_copy(settings: Settings) -> None:
+    """The consumer channel dies while a handler runs (RabbitMQ requeues the unacked original at once).
+    The RETRY that follows must not also publish a retry copy - that would make two live copies of one
+    message - and fails the settle instead (the dispatcher logs it; the original comes back)."""
+    deliveries: list[Delivery] = []
+    async with open_broker(settings, prefetch=4) as broker:
+        await broker.setup()
+        await publish_records(broker, ["k"])
+        await broker.subscriber.start(deliveries.append)
+        await eventually(lambda: len(deliveries) == 1)
+        assert broker.subscriber._channel is not None
+        await broker.subscriber._channel.close()  # what a lost connection does to the delivery's channel
+        with pytest.raises(ChannelInvalidStateError):
+            await deliveries[0].settle(Outcome.retry(0.2, "still down"))
+        await broker.subscriber.stop()
+        await broker.subscriber.close()
+        await asyncio.sleep(0.6)  # past the retry delay: a copy would be back in the main queue
+        topology = broker.topology
+        assert await queue_depth([topology.queue, *topology.retry_queues]) == 1

@@ -362,3 +362,30 @@ async def test_without_adapters_or_rules_the_side_effects_cost_no_transaction(st
     await world.handle(firing(), "m-1")
     async with store._db.execute("SELECT key FROM processed_messages") as cursor:
         assert [row[0] for row in await cursor.fetchall()] == ["m-1"]
+
+
+class RevokedTokenTracker(FakeTracker):
+    """GitHub answering 401 to every call (a revoked token)."""
+
+    async def open_issue(self, incident: Incident) -> TrackedIssue:
+        raise PermanentError("GitHub open issue: 401 Bad credentials")
+
+    async def find_issue(self, incident: Incident) -> TrackedIssue | None:
+        raise PermanentError("GitHub list issues: 401 Bad credentials")
+
+
+async def test_a_bad_github_token_on_the_retry_is_logged_and_the_message_acked(
+    store: SqliteStore, fakes: dict[str, Any]
+) -> None:
+    """A revoked GitHub token and a Slack blip: the retry's look for an earlier attempt's issue fails
+    permanently too. Like the open, it is logged as side_effect.failed and the handlers return (ACK, not
+    a dead letter for a chat misconfiguration); Slack gets its messages on the retry."""
+    world = World(store, **{**fakes, "tracker": RevokedTokenTracker()})
+    world.notifier.failures.append(TransientError("Slack webhook: 503"))
+    with pytest.raises(TransientError):
+        await world.handle(firing(), "m-1")
+    with capture_logs() as logs:
+        await world.handle(firing(), "m-1")
+    failed = [(e["effect"], e["error"]) for e in logs if e["event"] == "side_effect.failed"]
+    assert failed == [("github.open_issue", "GitHub list issues: 401 Bad credentials")] * 2
+    assert sorted(kind for _, kind, _ in world.notifier.sent) == ["opened", "opened"]

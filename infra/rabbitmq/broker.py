@@ -29,11 +29,14 @@ class RabbitBroker:
         exchange: AbstractExchange,
         topology: Topology,
         prefetch: int,
+        confirm_timeout: float = 10.0,
     ) -> None:
         self.connection = connection
         self.topology = topology
         self._publish_channel = publish_channel
-        self.subscriber = RabbitSubscriber(connection, topology, publish_channel, prefetch=prefetch)
+        self.subscriber = RabbitSubscriber(
+            connection, topology, publish_channel, prefetch=prefetch, confirm_timeout=confirm_timeout
+        )
         self.publisher = RabbitPublisher(exchange)
         self.dead_letters = RabbitDeadLetters(connection, topology)
 
@@ -46,7 +49,11 @@ class RabbitBroker:
 
 @contextlib.asynccontextmanager
 async def open_broker(
-    settings: Settings, *, prefetch: int | None = None, on_reconnect: Callable[[], None] | None = None
+    settings: Settings,
+    *,
+    prefetch: int | None = None,
+    on_reconnect: Callable[[], None] | None = None,
+    confirm_timeout: float = 10.0,
 ) -> AsyncIterator[RabbitBroker]:
     """Connect (robustly: lost connections are re-established and consumers restored) and yield the broker;
     close the connection on exit. ``on_reconnect`` is called each time a lost connection is back, its
@@ -68,7 +75,8 @@ async def open_broker(
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await channel.get_exchange(topology.exchange, ensure=False)
         yield RabbitBroker(
-            connection, channel, exchange, topology, prefetch or prefetch_for(settings.concurrency)
-        )
+            connection, channel, exchange, topology, prefetch or prefetch_for(settings.concurrency),
+            confirm_timeout=confirm_timeout,
+        )  # fmt: skip
     finally:
         await connection.close()

@@ -183,8 +183,13 @@ class RabbitSubscriber:
         *,
         prefetch: int,
         ack_interval: float = 0.01,
+        confirm_timeout: float = 10.0,
     ) -> None:
         self._connection = connection
+        # How long a retry / dead-letter copy may wait for its confirm. A blocked broker (memory or disk
+        # alarm) never confirms; without a bound the settle, and so the shutdown drain, would wait until
+        # the kubelet's SIGKILL. Past it the original is handed back (nack, requeue) instead.
+        self._confirm_timeout = confirm_timeout
         self._topology = topology
         self._publish_channel = publish_channel
         self._prefetch = prefetch
@@ -248,7 +253,9 @@ class RabbitSubscriber:
         else:
             copy = amqp.dead_letter_copy(delivery.incoming, delivery.message, outcome)
             target = self._topology.dlq
-        await self._publish_channel.default_exchange.publish(copy, routing_key=target, mandatory=True)
+        await self._publish_channel.default_exchange.publish(
+            copy, routing_key=target, mandatory=True, timeout=self._confirm_timeout
+        )
 
     async def stop(self) -> None:
         """Stop consuming; deliveries that arrive from now on are requeued at once."""

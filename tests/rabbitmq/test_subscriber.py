@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import pytest
@@ -14,6 +15,7 @@ from application.messages import Delivery, Outcome
 from config.settings import Settings
 from infra.rabbitmq import open_broker
 from tests.contract.broker_contract import Record, eventually, publish_records, running
+from tests.proxy import TcpProxy
 from tests.rabbitmq.conftest import queue_depth
 
 
@@ -71,3 +73,33 @@ async def test_a_retry_after_the_channel_died_publishes_no_copy(settings: Settin
         await asyncio.sleep(0.6)  # past the retry delay: a copy would be back in the main queue
         topology = broker.topology
         assert await queue_depth([topology.queue, *topology.retry_queues]) == 1
+
+
+async def test_a_copy_the_broker_never_confirms_hands_the_original_back_in_time(settings: Settings) -> None:
+    """A blocked broker (a memory or disk alarm) never confirms the retry copy. The settle gives up after
+    the confirm timeout, so a shutdown drain is not held until the kubelet's SIGKILL; the original was
+    never acked, comes back, and is handled; no copy is left behind and nothing is lost."""
+    deliveries: list[Delivery] = []
+    async with TcpProxy("127.0.0.1", 5672) as proxy:
+        through_proxy = settings.model_copy(
+            update={"rabbitmq_url": proxy.url(settings.rabbitmq_url) + "?reconnect_interval=0.5"}
+        )
+        async with open_broker(through_proxy, prefetch=4, confirm_timeout=0.5) as broker:
+            await broker.setup()
+            await publish_records(broker, ["k"])
+            await broker.subscriber.start(deliveries.append)
+            await eventually(lambda: len(deliveries) == 1)
+            proxy.delay = 3600  # from now on nothing gets through, and the connection stays open
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await deliveries[0].settle(Outcome.retry(0.2, "downstream is down"))
+            assert time.monotonic() - started < 5
+            proxy.delay = 0
+            proxy.drop()  # the stalled connection goes; what it held back never reaches RabbitMQ
+            await eventually(lambda: len(deliveries) == 2, timeout=30)
+            assert deliveries[1].message.body == deliveries[0].message.body
+            await deliveries[1].settle(Outcome.ack())
+            await broker.subscriber.stop()
+            await broker.subscriber.close()
+            topology = broker.topology
+    assert await queue_depth([topology.queue, *topology.retry_queues, topology.dlq]) == 0

@@ -7,8 +7,14 @@ from typing import Any
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
-# Stand-ins shared by the adapter suites and the end-to-end test: fixtures k8s, github, slack, clickhouse.
-pytest_plugins = ("tests.standins.kubernetes", "tests.standins.chat", "tests.standins.clickhouse")
+# Stand-ins shared by the adapter suites and the end-to-end test: fixtures k8s, github, slack, clickhouse;
+# and the Pub/Sub emulator, shared by tests/pubsub and tests/ops.
+pytest_plugins = (
+    "tests.standins.kubernetes",
+    "tests.standins.chat",
+    "tests.standins.clickhouse",
+    "tests.standins.pubsub",
+)
 
 
 def fixture_json(name: str) -> dict[str, Any]:

@@ -71,6 +71,7 @@ DRAIN_LEASE_SECONDS = 30
 RESUBSCRIBE_DELAY = 5.0  # after the stream ended on its own (e.g. the subscription was deleted)
 CLOSE_TIMEOUT = 30.0  # for the client's own shutdown of the stream
 PARK_MINIMUM = 0.5  # a copy due sooner than this is handled at once
+HALF_CLOSE_POLL = 0.01  # how often a paused consumer is resumed while the half-closed stream ends
 
 
 class LoopScheduler(Scheduler):  # type: ignore[misc]  # the client ships no type hints here
@@ -438,8 +439,16 @@ async def _half_close(future: StreamingPullFuture, timeout: float = 2.0) -> None
     it handles: it completes the stream. Pub/Sub itself takes either. This reaches into the client's
     internals (the bidi RPC's request queue, where ``None`` ends the request stream); if they are not
     there, only ``cancel()`` is used.
+
+    The end of the stream arrives only after the responses the server sent before it, so the client's
+    consumer must keep reading them. The emulator ignores flow control, and with ``max_messages`` leased
+    the client pauses its consumer: the end never arrives, ``cancel()`` follows, and what the emulator
+    sent into that stream comes back only when its ack deadline lapses (tests/ops/test_rolling_restart.py
+    saw this under load). So the consumer is resumed until the stream ends (flow control pauses it again
+    after each response); what it reads is on hold, and the client's shutdown nacks it.
     """
-    rpc = getattr(getattr(future, "_StreamingPullFuture__manager", None), "_rpc", None)
+    manager = getattr(future, "_StreamingPullFuture__manager", None)
+    rpc = getattr(manager, "_rpc", None)
     requests = getattr(rpc, "_request_queue", None)
     call = getattr(rpc, "call", None)
     call = getattr(call, "_wrapped", call)  # api_core wraps the grpc call
@@ -448,6 +457,11 @@ async def _half_close(future: StreamingPullFuture, timeout: float = 2.0) -> None
     loop, ended = asyncio.get_running_loop(), asyncio.Event()
     call.add_done_callback(lambda _: loop.call_soon_threadsafe(ended.set))
     requests.put(None)
+    consumer = getattr(manager, "_consumer", None)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):
-            await ended.wait()
+            while not ended.is_set():
+                if consumer is not None and getattr(consumer, "is_paused", False):
+                    consumer.resume()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ended.wait(), HALF_CLOSE_POLL)

@@ -8,7 +8,8 @@ an old one (while it has messages in flight), and start the next new pod at once
 the old one to exit. Then the stream stops, the last pods finish the backlog and are stopped too.
 
 The broker is a parameter: :class:`BrokerVariant` holds the only broker-specific parts (a unique
-topology, how to read what is left in it, how to delete it). Everything else - the setup Job
+topology, how to read what is left in it, how to delete it): RabbitMQ on 127.0.0.1:5672 and Pub/Sub on
+the official emulator (the session's, tests/standins/pubsub.py). Everything else - the setup Job
 (``app.py setup``), publishing, the dead-letter check, the store - goes through the broker-neutral
 interfaces. See docs/operations.md#rolling-restarts-proven.
 """
@@ -48,6 +49,9 @@ SHUTDOWN_TIMEOUT = 10.0
 # a SIGTERM lands with messages in flight.
 DB_LATENCY = 0.005
 WARM_UP, COOL_DOWN = 2.0, 2.0  # seconds of stream before the rollout and after the old pods are gone
+# No message waits this long from its publish to its handler. One that did was held by a stopped pod's
+# connection until a lease lapsed (Pub/Sub: the tests' 10 s ack deadline) instead of being handed back.
+MAX_WAIT = 8.0
 
 
 # --- the broker-specific parts -----------------------------------------------------------------------
@@ -56,7 +60,8 @@ WARM_UP, COOL_DOWN = 2.0, 2.0  # seconds of stream before the rollout and after 
 @dataclass(frozen=True)
 class BrokerVariant:
     name: str
-    require: Callable[[], None]  # skip (locally) or fail (CI) when the broker is not reachable
+    # Skip (locally) or fail (CI) when the broker is not reachable; may start a session fixture.
+    require: Callable[[pytest.FixtureRequest], None]
     topology: Callable[[], dict[str, Any]]  # settings naming a fresh topology of this test's own
     backlog: Callable[[Settings], Awaitable[int]]  # messages left in the main and retry destinations
     delete: Callable[[Settings], Awaitable[None]]  # remove the topology
@@ -72,27 +77,58 @@ def rabbitmq() -> BrokerVariant:
         return {key: getattr(names, key) for key in keys}
 
     async def backlog(settings: Settings) -> int:
+        # Unacked messages are ready again as soon as their channel closes: the pods have exited.
         t = Topology.from_settings(settings)
         return await queue_depth([t.queue, *t.retry_queues])
 
     async def delete(settings: Settings) -> None:
         await delete_topology(Topology.from_settings(settings))
 
-    return BrokerVariant("rabbitmq", rabbitmq_available, topology, backlog, delete)
+    return BrokerVariant("rabbitmq", lambda _: rabbitmq_available(), topology, backlog, delete)
 
 
-# Pub/Sub (infra/pubsub, on the emulator) is one more entry here once that package is merged; nothing
-# else in this module changes. Its four parts: require the emulator (PUBSUB_EMULATOR_HOST reaches the
-# pods through the environment); a topology of unique pubsub_project / pubsub_topic /
-# pubsub_subscription names; the backlog as what a pull from the subscription still returns (with the
-# pods stopped, so nothing is leased); delete the topics and subscriptions, dead-letter ones included.
-VARIANTS = {"rabbitmq": rabbitmq}
+def pubsub() -> BrokerVariant:
+    """infra/pubsub on the official emulator (PUBSUB_EMULATOR_HOST reaches the pods through the
+    environment), with the tests' 10 s ack deadline and lease extension (tests/pubsub/conftest.py)."""
+    from infra.pubsub.topology import Topology
+    from tests.pubsub.conftest import delete_topology, pubsub_settings, waiting
+
+    def topology() -> dict[str, Any]:
+        names = pubsub_settings()
+        keys = (
+            "broker",
+            "pubsub_project",
+            "pubsub_topic",
+            "pubsub_subscription",
+            "pubsub_ack_deadline",
+            "pubsub_max_lease_extension",
+            "pubsub_retry_min_backoff",
+            "pubsub_retry_max_backoff",
+        )
+        return {key: getattr(names, key) for key in keys}
+
+    async def backlog(settings: Settings) -> int:
+        # Retry copies go back to the main topic, so the subscription is the only place to look. A
+        # delivery whose ack was lost is invisible until its ack deadline lapses: wait that out first.
+        await asyncio.sleep(settings.pubsub_ack_deadline + 1)
+        return await waiting(Topology.from_settings(settings).subscription_path)
+
+    async def delete(settings: Settings) -> None:
+        await delete_topology(Topology.from_settings(settings))
+
+    def require(request: pytest.FixtureRequest) -> None:
+        request.getfixturevalue("pubsub_emulator")  # the session's emulator; it skips or fails if missing
+
+    return BrokerVariant("pubsub", require, topology, backlog, delete)
+
+
+VARIANTS = {"rabbitmq": rabbitmq, "pubsub": pubsub}
 
 
 @pytest.fixture(params=sorted(VARIANTS))
 async def variant(request: pytest.FixtureRequest) -> BrokerVariant:
     chosen = VARIANTS[request.param]()
-    chosen.require()
+    chosen.require(request)
     return chosen
 
 
@@ -168,6 +204,7 @@ class Stream:
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
         self.published: dict[str, list[str]] = {}  # message id -> the dedup keys it opens
+        self.published_at: dict[str, float] = {}  # message id -> wall-clock time its publish was confirmed
         self._template = payload("alertmanager_firing")
 
     def _batch(self, n: int) -> tuple[bytes, list[str]]:
@@ -190,6 +227,7 @@ class Stream:
             body, keys = self._batch(n)
             message_id = await self._broker.publisher.publish(body, {TYPE_ATTR: "alertmanager.webhook"})
             self.published[message_id] = keys
+            self.published_at[message_id] = time.time()
             n += 1
             await asyncio.sleep(max(0.0, started + n / RATE - loop.time()))
 
@@ -218,15 +256,18 @@ async def database(schema: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
-async def store_rows(schema: str) -> tuple[list[tuple[str, int, int, str]], list[str]]:
-    """(dedup key, occurrences, timeline entries, opening message id) per incident; processed message ids."""
+async def store_rows(schema: str) -> tuple[list[tuple[str, int, int, str]], dict[str, float]]:
+    """(dedup key, occurrences, timeline entries, opening message id) per incident; processed message ids
+    with the time (epoch seconds) their handler's transaction began."""
     async with database(schema) as conn:
         incidents = await conn.fetch(
             "SELECT dedup_key, (doc->>'occurrences')::int, json_array_length(doc->'timeline'), "
             "doc->'timeline'->0->>'message_id' FROM incidents"
         )
-        processed = await conn.fetch("SELECT key FROM processed_messages")
-    return [tuple(r) for r in incidents], [r[0] for r in processed]
+        processed = await conn.fetch(
+            "SELECT key, extract(epoch FROM processed_at)::float8 FROM processed_messages"
+        )
+    return [tuple(r) for r in incidents], {r[0]: r[1] for r in processed}
 
 
 async def processed_count(schema: str) -> int:
@@ -292,7 +333,8 @@ async def test_a_rolling_restart_under_load_applies_every_message_exactly_once(
     """Two pods are replaced one at a time (new pod ready, then SIGTERM to an old one while it has
     messages in flight) as a steady stream of Alertmanager batches is published. Every pod exits 0;
     at the end PostgreSQL holds exactly one incident per published fingerprint, opened by its own
-    message and counted once, the idempotency table holds each published message id once, and the main,
+    message and counted once, the idempotency table holds each published message id once, no message
+    waited MAX_WAIT for its handler (none sat on a stopped pod until a lease lapsed), and the main,
     retry and dead-letter destinations are empty. Prints each pod's drain time."""
     async with proxy_for(PG_DSN, 5432, delay=DB_LATENCY) as database:
         settings = pod_settings(variant.topology(), schema, database.url(PG_DSN))
@@ -327,7 +369,10 @@ async def test_a_rolling_restart_under_load_applies_every_message_exactly_once(
     assert all(occurrences == 1 and entries == 1 for _, occurrences, entries, _ in incidents), (
         "an incident was counted twice: a message's effect was applied more than once"
     )
-    assert sorted(processed) == sorted(stream.published), "each message id recorded once"
+    assert sorted(processed) == sorted(stream.published), "each message id recorded once"  # a primary key
+    waits = sorted(processed[m] - at for m, at in stream.published_at.items())
+    late = sum(w >= MAX_WAIT for w in waits)
+    assert late == 0, f"{late} messages waited {waits[-1]:.1f} s: held by a stopped pod until a lease lapsed"
     assert backlog == 0, "messages left in the main or retry destinations"
     assert letters == [], [letter.reason for letter in letters]
 
@@ -336,6 +381,10 @@ async def test_a_rolling_restart_under_load_applies_every_message_exactly_once(
         f"\n{variant.name}: published {len(stream.published)} batches ({len(expected)} alerts) at "
         f"{RATE}/s; incidents {len(incidents)}; processed ids {len(processed)}; "
         f"acked more than once (a redelivery, a no-op) {sum(1 for n in acks.values() if n > 1)}"
+    )
+    print(
+        f"  published -> handled: median {waits[len(waits) // 2]:.3f} s, p99 "
+        f"{waits[len(waits) * 99 // 100]:.3f} s, max {waits[-1]:.3f} s, over 1 s {sum(w > 1 for w in waits)}"
     )
     for name, pod in pods.all.items():
         print(

@@ -1,41 +1,19 @@
-"""Fixtures for tests against the Pub/Sub emulator, started once per session on a free port: unique
-topics and subscriptions per test, deleted after."""
+"""Fixtures for tests against the Pub/Sub emulator (started once per session on a free port by
+tests/standins/pubsub.py): unique topics and subscriptions per test, deleted after."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
 from config.settings import Settings, load
 from infra.pubsub.topology import Topology
-from tests.pubsub import emulator
-from tests.services import require
 
 PROJECT = "incidentd-test"
-
-
-@pytest.fixture(scope="session")
-def pubsub_emulator() -> Iterator[str]:
-    """``host:port`` of the emulator; PUBSUB_EMULATOR_HOST is set for the session (and so for the
-    worker processes tests start)."""
-    script = emulator.launcher()
-    require(script is not None, f"the Pub/Sub emulator ({emulator.PACKAGE}) and Java", emulator.START_WITH)
-    assert script is not None
-    previous = os.environ.get("PUBSUB_EMULATOR_HOST")
-    with emulator.running(script) as host:
-        os.environ["PUBSUB_EMULATOR_HOST"] = host
-        try:
-            yield host
-        finally:
-            if previous is None:
-                os.environ.pop("PUBSUB_EMULATOR_HOST", None)
-            else:
-                os.environ["PUBSUB_EMULATOR_HOST"] = previous
 
 
 def pubsub_settings(**overrides: object) -> Settings:

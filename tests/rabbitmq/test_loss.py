@@ -5,24 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import sqlite3
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from application.commands import CreateIncident
-from application.messages import TYPE_ATTR
 from config.settings import Settings
 from infra.rabbitmq import open_broker
 from infra.rabbitmq.topology import Topology
 from tests.contract.broker_contract import Ledger, eventually, make_dispatcher, publish_records, running
+from tests.loss import POISON, POISON_BODIES, POISON_REASON, VALID, incidents, publish_all
 from tests.rabbitmq.conftest import queue_depth
 from tests.services import require
 from tests.workers import env_of, sigterm, worker_process
-
-VALID, POISON = 5_000, 50
 
 
 def worker(
@@ -34,34 +30,6 @@ def worker(
     return worker_process(env | env_of({n: getattr(settings, n) for n in names}), log)
 
 
-def incidents(db: Path) -> tuple[int, int]:
-    """(incidents, distinct dedup keys) in the worker's store."""
-    if not db.exists():
-        return 0, 0
-    with contextlib.closing(sqlite3.connect(db, timeout=5)) as conn:
-        try:
-            return conn.execute("SELECT COUNT(*), COUNT(DISTINCT dedup_key) FROM incidents").fetchone()
-        except sqlite3.OperationalError:  # schema not created yet, or busy
-            return 0, 0
-
-
-async def publish_all(settings: Settings) -> None:
-    async with open_broker(settings) as broker:
-        await broker.setup()
-        bodies = [
-            CreateIncident(title=f"disk full {i}", dedup_key=f"loss-{i}").model_dump_json().encode()
-            for i in range(VALID)
-        ]
-        bodies += [f'{{"title": "", "dedup_key": "poison-{i}"}}'.encode() for i in range(POISON)]
-        for start in range(0, len(bodies), 200):
-            await asyncio.gather(
-                *(
-                    broker.publisher.publish(b, {TYPE_ATTR: CreateIncident.TYPE})
-                    for b in bodies[start : start + 200]
-                )
-            )
-
-
 @pytest.mark.slow
 async def test_sigterm_mid_stream_loses_nothing(settings: Settings, tmp_path: Path) -> None:
     """5,000 valid messages and 50 poison ones; the first worker is stopped with SIGTERM mid-stream and
@@ -70,7 +38,9 @@ async def test_sigterm_mid_stream_loses_nothing(settings: Settings, tmp_path: Pa
     topology = Topology.from_settings(settings)
     db, log = tmp_path / "incidentd.db", tmp_path / "worker.log"
     work_queues = [topology.queue, *topology.retry_queues]
-    await publish_all(settings)
+    async with open_broker(settings) as broker:
+        await broker.setup()
+        await publish_all(broker)
 
     with worker(settings, db, log) as first:
         await eventually(lambda: incidents(db)[0] >= 1_000, timeout=120)
@@ -88,10 +58,8 @@ async def test_sigterm_mid_stream_loses_nothing(settings: Settings, tmp_path: Pa
     assert await queue_depth(work_queues) == 0
     async with open_broker(settings) as broker:
         letters = await broker.dead_letters.list()
-    assert sorted(letter.body for letter in letters) == sorted(
-        f'{{"title": "", "dedup_key": "poison-{i}"}}'.encode() for i in range(POISON)
-    )
-    assert all("title: String should have at least 1 character" in letter.reason for letter in letters)
+    assert sorted(letter.body for letter in letters) == sorted(POISON_BODIES)
+    assert all(POISON_REASON in letter.reason for letter in letters)
     print(f"first worker handled {handled_by_first}, second the rest; dead letters {len(letters)}")
 
 

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,9 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 PROJECT = "incidentd-bench"
-TYPE = "bench.noop"
 MAX_MESSAGES = 1000
-DEVNULL = open(os.devnull, "w")  # noqa: SIM115 - the B side's log stream, for the life of the process
+
+from tests.bench.noop_worker import TYPE, noop_dispatcher, peak_rss_mb  # noqa: E402
 
 
 def body(i: int) -> bytes:
@@ -109,24 +108,10 @@ def side_a(name: str, count: int) -> tuple[float, float]:
 
 
 async def side_b(name: str, count: int, log_level: str) -> tuple[float, float]:
-    import app  # noqa: F401  - the worker's whole import footprint, for an honest RSS
-    from application.commands import Command
-    from application.dispatcher import Context, Dispatcher, bind
-    from application.factory import CommandFactory
     from application.worker import run_worker
-    from common.logging import configure_logging
     from config.settings import load
     from infra.pubsub import open_broker
 
-    class Noop(Command):
-        TYPE = TYPE
-        model_config = {"frozen": True, "extra": "allow"}
-        seq: int
-
-    async def noop(cmd: Noop, ctx: Context) -> None:
-        return None
-
-    configure_logging(level=log_level, stream=DEVNULL)
     stop = asyncio.Event()
     seen: set[str] = set()
 
@@ -139,10 +124,7 @@ async def side_b(name: str, count: int, log_level: str) -> tuple[float, float]:
         broker="pubsub", pubsub_project=PROJECT, pubsub_topic=name, pubsub_subscription=name,
         concurrency=MAX_MESSAGES // 2,
     )  # fmt: skip
-    dispatcher = Dispatcher(
-        CommandFactory([Noop]), bind({Noop: [noop]}, {}), concurrency=MAX_MESSAGES // 2, timeout=10,
-        observers=[observe],
-    )  # fmt: skip
+    dispatcher = noop_dispatcher(MAX_MESSAGES // 2, log_level, observe)
     async with open_broker(settings) as broker:
         started, cpu = time.perf_counter(), time.process_time()
         worker = asyncio.create_task(
@@ -161,16 +143,6 @@ def child(side: str, name: str, count: int, log_level: str) -> None:
     else:
         seconds, cpu = asyncio.run(side_b(name, count, log_level))
     print(json.dumps({"rate": count / seconds, "cpu_per_10k": cpu / count * 10_000, "rss_mb": peak_rss_mb()}))
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS. Not ``ru_maxrss``: Linux carries that across ``exec`` from the forking
-    parent (which here holds 20,000 publish futures); ``VmHWM`` belongs to the new address space."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --- the parent -----------------------------------------------------------------------------------------

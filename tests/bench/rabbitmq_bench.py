@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 URL = os.environ.get("INCIDENTD_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PREFETCH = 256
-TYPE = "bench.noop"
-DEVNULL = open(os.devnull, "w")  # noqa: SIM115 - the B side's log stream, for the life of the process
+
+from tests.bench.noop_worker import TYPE, noop_dispatcher, peak_rss_mb  # noqa: E402
 
 
 def body(i: int) -> bytes:
@@ -105,24 +104,10 @@ async def side_a(queue_name: str, count: int) -> tuple[float, float]:
 
 
 async def side_b(queue_name: str, count: int, log_level: str) -> tuple[float, float]:
-    import app  # noqa: F401  - the worker's whole import footprint, for an honest RSS
-    from application.commands import Command
-    from application.dispatcher import Context, Dispatcher, bind
-    from application.factory import CommandFactory
     from application.worker import run_worker
-    from common.logging import configure_logging
     from config.settings import load
     from infra.rabbitmq import open_broker
 
-    class Noop(Command):
-        TYPE = TYPE
-        model_config = {"frozen": True, "extra": "allow"}
-        seq: int
-
-    async def noop(cmd: Noop, ctx: Context) -> None:
-        return None
-
-    configure_logging(level=log_level, stream=DEVNULL)
     stop = asyncio.Event()
     seen = 0
 
@@ -135,9 +120,7 @@ async def side_b(queue_name: str, count: int, log_level: str) -> tuple[float, fl
     settings = load(
         rabbitmq_url=URL, rabbitmq_exchange=queue_name, rabbitmq_queue=queue_name, concurrency=128
     )
-    dispatcher = Dispatcher(
-        CommandFactory([Noop]), bind({Noop: [noop]}, {}), concurrency=128, timeout=10, observers=[observe]
-    )
+    dispatcher = noop_dispatcher(128, log_level, observe)
     async with open_broker(settings) as broker:
         started, cpu = time.perf_counter(), time.process_time()
         await run_worker(broker.subscriber, dispatcher, stop=stop, shutdown_timeout=10)
@@ -150,8 +133,7 @@ def child(side: str, queue_name: str, count: int, log_level: str) -> None:
         seconds, cpu = asyncio.run(side_a(queue_name, count))
     else:
         seconds, cpu = asyncio.run(side_b(queue_name, count, log_level))
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rate": count / seconds, "cpu_per_10k": cpu / count * 10_000, "rss_mb": rss_mb}))
+    print(json.dumps({"rate": count / seconds, "cpu_per_10k": cpu / count * 10_000, "rss_mb": peak_rss_mb()}))
 
 
 # --- the parent -----------------------------------------------------------------------------------------

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 
 from config.settings import Settings
 from infra.pubsub.message import MESSAGE_ID_ATTR
 from infra.pubsub.topology import Topology
 from tests.pubsub.test_dead_letters import pull_raw
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.workers import run_app
 
 
 async def app(settings: Settings, *args: str, stdin: bytes = b"") -> tuple[int, str]:
     """Run ``python app.py ARGS``; PUBSUB_EMULATOR_HOST comes from the session."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "app.py", *args, cwd=ROOT, env=os.environ | _env(settings),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(process.communicate(stdin), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode()
+    return await run_app(_env(settings), *args, stdin=stdin)
 
 
 def _env(settings: Settings) -> dict[str, str]:

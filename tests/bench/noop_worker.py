@@ -1,13 +1,17 @@
-"""What both broker benchmarks' B side shares: the incidentd worker path with a no-op command handler,
-and a child process's own peak RSS.
+"""What both broker benchmarks share: the B side's incidentd worker path with a no-op command handler, a
+child process's own peak RSS, and the parent's A B A B A B rounds and summary table.
 
 Imported by the benchmark child processes only (``tests/bench`` is not collected by pytest).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import statistics
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -48,3 +52,46 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def report(seconds: float, cpu: float, count: int) -> None:
+    """The child's one line for the parent: rate, CPU per 10k messages, its own peak RSS."""
+    print(json.dumps({"rate": count / seconds, "cpu_per_10k": cpu / count * 10_000, "rss_mb": peak_rss_mb()}))
+
+
+def run_child(side: str, argv: list[str], timeout: float) -> dict[str, float]:
+    """Run one side in a process of its own (``argv``: the script and its child arguments); print and
+    return what it reported."""
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout)
+    if out.returncode:
+        sys.exit(f"side {side} failed:\n{out.stderr[-3000:]}")
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    rate, cpu, rss = result["rate"], result["cpu_per_10k"], result["rss_mb"]
+    print(f"  {side}: {rate:8.0f} msg/s  {cpu:.2f} CPU s/10k  {rss:.1f} MB", flush=True)
+    return result
+
+
+def alternate(rounds: int, run: Callable[[str], dict[str, float]]) -> dict[str, list[dict[str, float]]]:
+    """A B A B ...: ``rounds`` runs of each side, alternating, so both see the same machine."""
+    results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+    for round_ in range(1, rounds + 1):
+        print(f"round {round_}", flush=True)
+        for side in ("A", "B"):
+            results[side].append(run(side))
+    return results
+
+
+def summarise(results: dict[str, list[dict[str, float]]], title: str, label_a: str) -> None:
+    """The table: msgs/s and CPU per 10k (medians), peak RSS (max), and B/A for each."""
+    print(f"\n{title}")
+    print("| side | msgs/s (median) | CPU s / 10k (median) | peak RSS MB (max) |")
+    print("| --- | ---: | ---: | ---: |")
+    medians: dict[str, tuple[float, float, float]] = {}
+    for side, label in (("A", label_a), ("B", "B incidentd worker")):
+        rate = statistics.median(r["rate"] for r in results[side])
+        cpu = statistics.median(r["cpu_per_10k"] for r in results[side])
+        rss = max(r["rss_mb"] for r in results[side])
+        medians[side] = (rate, cpu, rss)
+        print(f"| {label} | {rate:,.0f} | {cpu:.2f} | {rss:.1f} |")
+    (ra, ca, ma), (rb, cb, mb) = medians["A"], medians["B"]
+    print(f"\nB/A = {rb / ra:.2f} msgs/s, {cb / ca:.2f} CPU, {mb / ma:.2f} RSS")

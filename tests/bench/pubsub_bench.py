@@ -23,8 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -36,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 PROJECT = "incidentd-bench"
 MAX_MESSAGES = 1000
 
-from tests.bench.noop_worker import TYPE, noop_dispatcher, peak_rss_mb  # noqa: E402
+from tests.bench.noop_worker import TYPE, alternate, noop_dispatcher, report, run_child, summarise  # noqa: E402
 
 
 def body(i: int) -> bytes:
@@ -142,7 +140,7 @@ def child(side: str, name: str, count: int, log_level: str) -> None:
         seconds, cpu = side_a(name, count)
     else:
         seconds, cpu = asyncio.run(side_b(name, count, log_level))
-    print(json.dumps({"rate": count / seconds, "cpu_per_10k": cpu / count * 10_000, "rss_mb": peak_rss_mb()}))
+    report(seconds, cpu, count)
 
 
 # --- the parent -----------------------------------------------------------------------------------------
@@ -152,19 +150,10 @@ def run(side: str, count: int, log_level: str) -> dict[str, float]:
     name = f"incidentd-bench-{uuid.uuid4().hex[:8]}"
     fill(name, count)
     try:
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", side, "--name", name, "--messages", str(count),
-             "--log-level", log_level],
-            capture_output=True, text=True, cwd=ROOT, timeout=900,
-        )  # fmt: skip
-        if out.returncode:
-            sys.exit(f"side {side} failed:\n{out.stderr[-3000:]}")
+        argv = [__file__, "--child", side, "--name", name, "--messages", str(count), "--log-level", log_level]
+        return run_child(side, argv, timeout=900)
     finally:
         drop(name)
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    rate, cpu, rss = result["rate"], result["cpu_per_10k"], result["rss_mb"]
-    print(f"  {side}: {rate:8.0f} msg/s  {cpu:.2f} CPU s/10k  {rss:.1f} MB", flush=True)
-    return result
 
 
 def main() -> None:
@@ -185,24 +174,12 @@ def main() -> None:
         sys.exit(f"no Pub/Sub emulator; install it with: {emulator.START_WITH}")
     with emulator.running(script) as host:
         os.environ["PUBSUB_EMULATOR_HOST"] = host
-        results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
-        for round_ in range(1, args.rounds + 1):
-            print(f"round {round_}", flush=True)
-            for side in ("A", "B"):
-                results[side].append(run(side, args.messages, args.log_level))
-    print(f"\n{args.messages} messages x {args.rounds} rounds, {MAX_MESSAGES} outstanding, "
-          f"B logs at {args.log_level}")  # fmt: skip
-    print("| side | msgs/s (median) | CPU s / 10k (median) | peak RSS MB (max) |")
-    print("| --- | ---: | ---: | ---: |")
-    medians: dict[str, tuple[float, float, float]] = {}
-    for side, label in (("A", "A plain google-cloud-pubsub"), ("B", "B incidentd worker")):
-        rate = statistics.median(r["rate"] for r in results[side])
-        cpu = statistics.median(r["cpu_per_10k"] for r in results[side])
-        rss = max(r["rss_mb"] for r in results[side])
-        medians[side] = (rate, cpu, rss)
-        print(f"| {label} | {rate:,.0f} | {cpu:.2f} | {rss:.1f} |")
-    (ra, ca, ma), (rb, cb, mb) = medians["A"], medians["B"]
-    print(f"\nB/A = {rb / ra:.2f} msgs/s, {cb / ca:.2f} CPU, {mb / ma:.2f} RSS")
+        results = alternate(args.rounds, lambda side: run(side, args.messages, args.log_level))
+    title = (
+        f"{args.messages} messages x {args.rounds} rounds, {MAX_MESSAGES} outstanding, "
+        f"B logs at {args.log_level}"
+    )
+    summarise(results, title, "A plain google-cloud-pubsub")
 
 
 if __name__ == "__main__":

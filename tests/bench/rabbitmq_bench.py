@@ -22,8 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -34,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 URL = os.environ.get("INCIDENTD_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PREFETCH = 256
 
-from tests.bench.noop_worker import TYPE, noop_dispatcher, peak_rss_mb  # noqa: E402
+from tests.bench.noop_worker import TYPE, alternate, noop_dispatcher, report, run_child, summarise  # noqa: E402
 
 
 def body(i: int) -> bytes:
@@ -133,7 +131,7 @@ def child(side: str, queue_name: str, count: int, log_level: str) -> None:
         seconds, cpu = asyncio.run(side_a(queue_name, count))
     else:
         seconds, cpu = asyncio.run(side_b(queue_name, count, log_level))
-    print(json.dumps({"rate": count / seconds, "cpu_per_10k": cpu / count * 10_000, "rss_mb": peak_rss_mb()}))
+    report(seconds, cpu, count)
 
 
 # --- the parent -----------------------------------------------------------------------------------------
@@ -143,19 +141,11 @@ def run(side: str, count: int, log_level: str) -> dict[str, float]:
     queue_name = f"incidentd-bench-{uuid.uuid4().hex[:8]}"
     asyncio.run(fill(queue_name, count))
     try:
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", side, "--queue", queue_name, "--messages", str(count),
-             "--log-level", log_level],
-            capture_output=True, text=True, cwd=ROOT, timeout=600,
-        )  # fmt: skip
-        if out.returncode:
-            sys.exit(f"side {side} failed:\n{out.stderr[-3000:]}")
+        argv = [__file__, "--child", side, "--queue", queue_name, "--messages", str(count),
+                "--log-level", log_level]  # fmt: skip
+        return run_child(side, argv, timeout=600)
     finally:
         asyncio.run(drop(queue_name))
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    rate, cpu, rss = result["rate"], result["cpu_per_10k"], result["rss_mb"]
-    print(f"  {side}: {rate:8.0f} msg/s  {cpu:.2f} CPU s/10k  {rss:.1f} MB", flush=True)
-    return result
 
 
 def main() -> None:
@@ -169,24 +159,11 @@ def main() -> None:
     if args.child:
         child(args.child, args.queue, args.messages, args.log_level)
         return
-    results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
-    for round_ in range(1, args.rounds + 1):
-        print(f"round {round_}", flush=True)
-        for side in ("A", "B"):
-            results[side].append(run(side, args.messages, args.log_level))
-    print(
-        f"\n{args.messages} messages x {args.rounds} rounds, prefetch {PREFETCH}, B logs at {args.log_level}"
+    results = alternate(args.rounds, lambda side: run(side, args.messages, args.log_level))
+    title = (
+        f"{args.messages} messages x {args.rounds} rounds, prefetch {PREFETCH}, B logs at {args.log_level}"
     )
-    print("| side | msgs/s (median) | CPU s / 10k (median) | peak RSS MB (max) |")
-    print("| --- | ---: | ---: | ---: |")
-    medians = {}
-    for side, label in (("A", "A plain aio-pika"), ("B", "B incidentd worker")):
-        rate = statistics.median(r["rate"] for r in results[side])
-        cpu = statistics.median(r["cpu_per_10k"] for r in results[side])
-        rss = max(r["rss_mb"] for r in results[side])
-        medians[side] = rate
-        print(f"| {label} | {rate:,.0f} | {cpu:.2f} | {rss:.1f} |")
-    print(f"\nB/A = {medians['B'] / medians['A']:.2f}")
+    summarise(results, title, "A plain aio-pika")
 
 
 if __name__ == "__main__":

@@ -278,6 +278,7 @@ def incidents_show(ctx: click.Context, incident_id: Any, as_json: bool) -> None:
     for entry in sorted(incident.timeline, key=lambda e: e.at):
         note = f"  {entry.note}" if entry.note else ""
         click.echo(f"  {entry.at.isoformat()}  {entry.kind:14} {entry.status:12} {entry.actor}{note}")
+    _show_analysis(incident)
 
 
 async def _incident(settings: Settings, incident_id: Any) -> Incident | None:
@@ -312,6 +313,49 @@ def _publishing(verb: str, type_name: str) -> None:
 
 _publishing("ack", "incident.acknowledge")
 _publishing("resolve", "incident.resolve")
+
+
+@incidents.command("analyze")
+@click.argument("incident_id", type=click.UUID)
+@click.pass_context
+def incidents_analyze(ctx: click.Context, incident_id: Any) -> None:
+    """Publish an incident.analyze command for INCIDENT_ID (AI analysis, docs/ai.md); print its message id.
+
+    The worker analyses it and puts the answer, or why there is none, on the timeline (incidents show)."""
+    settings = _settings(ctx)
+    if settings.broker == "memory":
+        raise click.UsageError(
+            "the memory broker lives inside one worker process; use 'worker --from FILE' with an "
+            '{"type": "incident.analyze", "data": {"incident_id": ...}} line, or set INCIDENTD_BROKER'
+        )
+    actor = os.environ.get("USER") or "cli"
+    body = json.dumps({"incident_id": str(incident_id), "reason": "requested", "actor": actor}).encode()
+    click.echo(asyncio.run(_publish(settings, body, {TYPE_ATTR: "incident.analyze"})))
+
+
+def _show_analysis(incident: Incident) -> None:
+    """The latest AI analysis of ``incidents show``: summary, causes with evidence, cited next steps."""
+    from application.analysis import analyses
+
+    done = [r for r in analyses(incident) if r.answer is not None]
+    if not done:
+        return
+    record = done[-1]
+    answer = record.answer
+    assert answer is not None
+    click.echo(
+        f"analysis ({record.at.isoformat()}, {record.model}, {record.outcome}; a suggestion, not an action):"
+    )
+    click.echo(f"  {answer.summary}")
+    for cause in answer.probable_causes:
+        click.echo(f"  cause ({cause.confidence:.0%}): {cause.cause}")
+        for evidence in cause.evidence:
+            click.echo(f"    evidence: {evidence}")
+    for step in answer.next_steps:
+        cites = f"  [{', '.join(step.cites)}]" if step.cites else ""
+        click.echo(f"  next: {step.step}{cites}")
+    if answer.related_incidents:
+        click.echo(f"  related: {', '.join(answer.related_incidents)}")
 
 
 @cli.group()

@@ -222,3 +222,16 @@ class ResolveIncident(IncidentRef):
 class AddNote(IncidentRef):
     TYPE = "incident.note"
     note: str = Field(min_length=1)
+
+
+class AnalyzeIncident(IncidentRef):
+    """Ask for an AI analysis of an incident (application/analysis.py; docs/ai.md).
+
+    Published by the worker itself after a commit (``reason`` ``opened`` or ``correlated``) and by
+    ``incidents analyze ID`` (``requested``). ``request`` is the idempotency key of the request: a
+    redelivered or re-published copy with the same key is analysed once.
+    """
+
+    TYPE = "incident.analyze"
+    reason: Literal["opened", "correlated", "requested"] = "requested"
+    request: str = Field(default="", max_length=200)

@@ -381,3 +381,58 @@ class Notifier(Protocol):
     """Tells people about one transition of an incident (the ``entry`` just appended to its timeline)."""
 
     async def notify(self, incident: Incident, entry: TimelineEntry) -> None: ...
+
+
+# --- AI analysis (issue 16; application/analysis.py, docs/ai.md) --------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One message of a conversation with a model: ``role`` is ``user`` or ``assistant``."""
+
+    role: Literal["user", "assistant"]
+    text: str
+
+
+@dataclass(frozen=True)
+class AnalystReply:
+    """What a model answered, and what it cost. ``truncated``: it stopped at the output token limit."""
+
+    text: str
+    model: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    truncated: bool = False
+
+
+class Analyst(Protocol):
+    """A chat model (infra/ai/: Bedrock Converse, any OpenAI-compatible endpoint).
+
+    One call, no tools: the model reads text and answers text, so it can suggest and never act.
+    Raises TransientError for timeouts, throttling (``retry_after`` from the endpoint) and 5xx, and
+    PermanentError for what retrying cannot fix (bad key, unknown model, invalid request).
+    """
+
+    @property
+    def name(self) -> str:
+        """``provider/model``, for the timeline and the metrics."""
+        ...
+
+    async def complete(self, system: str, turns: Sequence[ChatTurn], *, max_tokens: int) -> AnalystReply: ...
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A section of a runbook. ``id`` is what an answer cites (``postgres-connections.md#pool-exhausted``)."""
+
+    id: str
+    source: str  # the file, relative to the knowledge folder
+    heading: str
+    text: str
+    score: float = 0.0
+
+
+class KnowledgeBase(Protocol):
+    """Runbook passages ranked for a query (infra/ai/knowledge.py: BM25 over a folder of markdown)."""
+
+    async def search(self, query: str, k: int) -> list[Passage]: ...

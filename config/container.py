@@ -8,11 +8,12 @@ and ``shutdown_resources()`` closes what was started, in reverse order.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dependency_injector import containers, providers
 
 from application.actions import ActionRules
+from application.analysis import Analysis, AnalysisPolicy, with_analysis
 from application.commands import Command
 from application.dispatcher import Dispatcher, Observer, Receiver, RetryPolicy, bind
 from application.factory import CommandFactory
@@ -214,6 +215,44 @@ def with_lake(observers: list[Observer], lake: EventLake | None) -> list[Observe
     return [*observers, lake.record] if lake is not None else observers
 
 
+# --- AI analysis (docs/ai.md; created, and its libraries imported, only when ai_enabled) ------------
+
+
+async def ai_analysis(settings: Settings, broker: Broker, metrics: Metrics) -> AsyncIterator[Analysis]:
+    """The analysis side effect: the configured model, the runbook index, requests via the broker."""
+    from infra.ai.knowledge import RunbookIndex
+    from infra.ai.metrics import AnalysisMetrics
+
+    analyst: Any
+    if settings.ai_provider == "bedrock":
+        from infra.ai.bedrock import BedrockConverse
+
+        analyst = BedrockConverse(
+            model=settings.ai_model, region=settings.ai_region, endpoint_url=settings.ai_endpoint_url,
+            timeout=settings.ai_timeout,
+        )  # fmt: skip
+    else:
+        import aiohttp
+
+        from infra.ai.openai import OpenAIChat
+        from infra.secrets import read_secret
+
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.ai_timeout))
+        analyst = OpenAIChat(session, base_url=settings.ai_base_url, model=settings.ai_model,
+                             api_key=read_secret(settings.ai_api_key, settings.ai_api_key_file),
+                             json_mode=settings.ai_json_mode)  # fmt: skip
+    policy = AnalysisPolicy(
+        min_severity=settings.ai_min_severity, token_budget=settings.ai_token_budget,
+        max_output_tokens=settings.ai_max_output_tokens, max_per_hour=settings.ai_max_per_hour,
+        top_k=settings.ai_top_k, history=settings.ai_history, timeout=settings.ai_timeout,
+    )  # fmt: skip
+    try:
+        yield Analysis(analyst, RunbookIndex(settings.ai_knowledge_dir), broker.publisher, policy,
+                       observer=AnalysisMetrics(metrics.registry))  # fmt: skip
+    finally:
+        await analyst.close()
+
+
 # --- ops: metrics (the ops server itself is started by `app.py worker`) ---------------------------
 
 
@@ -255,7 +294,7 @@ class Container(containers.DeclarativeContainer):
     logging = providers.Resource(
         configure_logging, fmt=settings.provided.log_format, level=settings.provided.log_level
     )
-    handlers = providers.Object(HANDLERS)
+    handlers = providers.Singleton(with_analysis, HANDLERS, settings.provided.ai_enabled)
     metrics = providers.Singleton(build_metrics, handlers)
     incident_metrics = providers.Singleton(incident_metrics, metrics.provided.registry)
     store = providers.Selector(
@@ -292,6 +331,9 @@ class Container(containers.DeclarativeContainer):
     )
     notifier = when_enabled(settings.provided.slack_enabled, providers.Resource(slack_notifier, settings))
     actions = providers.Singleton(action_rules, settings, cluster, cloud, policy)
+    analysis = when_enabled(
+        settings.provided.ai_enabled, providers.Resource(ai_analysis, settings, broker, metrics)
+    )
     # The names handlers may ask for (see application.dispatcher.bind).
     handler_dependencies = providers.Dict(
         store=store,
@@ -301,6 +343,7 @@ class Container(containers.DeclarativeContainer):
         cloud=cloud,
         issue_tracker=issue_tracker,
         notifier=notifier,
+        analysis=analysis,
     )
     observers = providers.List(metrics.provided.observe)
     outcome_observers = providers.Callable(with_lake, observers, event_lake)

@@ -226,6 +226,50 @@ class Settings(BaseSettings):
             raise ValueError("github_token or github_token_file is required when github_enabled is true")
         return value
 
+    # --- AI analysis of incidents (docs/ai.md); off by default ----------------------------------------
+    ai_enabled: bool = False
+    ai_provider: Literal["openai", "bedrock"] = "openai"
+    ai_model: str = ""  # required when enabled: e.g. "llama3.1:8b" (Ollama), a Bedrock model or profile id
+    ai_base_url: str = ""  # openai: the endpoint's base URL, e.g. http://127.0.0.1:11434/v1
+    ai_api_key: SecretStr = SecretStr("")  # openai: sent as a Bearer token; none for a local endpoint
+    ai_api_key_file: Path | None = None
+    ai_json_mode: bool = True  # openai: ask for response_format json_object (vLLM, Ollama, OpenAI accept it)
+    ai_region: str = ""  # bedrock: empty for the usual AWS chain
+    ai_endpoint_url: str = ""  # bedrock: tests only
+    ai_min_severity: Literal["critical", "high", "medium", "low", "info"] = "high"
+    ai_knowledge_dir: Path = Path("runbooks")  # markdown runbooks, indexed with BM25, re-indexed on change
+    ai_top_k: int = Field(default=3, ge=0, le=20)  # runbook passages in the prompt
+    ai_history: int = Field(default=5, ge=0, le=50)  # previous resolved incidents in the prompt
+    ai_timeout: float = Field(default=60.0, gt=0, le=600)  # seconds per model call
+    ai_token_budget: int = Field(default=12_000, ge=1_000, le=1_000_000)  # per analysis, retry included
+    ai_max_output_tokens: int = Field(default=1_000, ge=100, le=100_000)
+    ai_max_per_hour: int = Field(default=30, ge=0, le=100_000)  # model calls per worker process
+
+    @field_validator("ai_model", "ai_base_url")
+    @classmethod
+    def _ai_endpoint(cls, value: str, info: ValidationInfo) -> str:
+        if not info.data.get("ai_enabled") or value:
+            return value
+        if info.field_name == "ai_model":
+            raise ValueError("a model is required when ai_enabled is true")
+        if info.data.get("ai_provider") == "openai":
+            raise ValueError("the endpoint's base URL is required when ai_provider is openai")
+        return value
+
+    @field_validator("ai_max_output_tokens")
+    @classmethod
+    def _ai_budget_fits(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("ai_token_budget", 0) < 3 * value:
+            raise ValueError("ai_token_budget must be at least 3 x ai_max_output_tokens")
+        return value
+
+    @model_validator(mode="after")
+    def _ai_command_timeout(self) -> Settings:
+        """incident.analyze may take two model calls: unless its timeout is set, it gets them."""
+        if self.ai_enabled:
+            self.command_timeouts.setdefault("incident.analyze", 2 * self.ai_timeout + 30)
+        return self
+
     # --- ops server (probes and metrics; see docs/operations.md) -------------------------------------
     ops_enabled: bool = True
     # 0.0.0.0 so the kubelet and Prometheus reach the pod IP; bind 127.0.0.1 when running outside a pod.

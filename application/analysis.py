@@ -283,7 +283,7 @@ def build_prompt(
             keep=20,
         ),
         Section(
-            "Runbook passages (cite by the id in brackets)", [_passage(p) for p in passages], keep=70, floor=1
+            "Runbook passages (cite by the id in brackets)", [_passage(p) for p in passages], keep=55, floor=1
         ),
     ]
     trimmed: list[str] = []

@@ -12,6 +12,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 pytest_plugins = (
     "tests.standins.kubernetes",
     "tests.standins.chat",
+    "tests.standins.llm",
     "tests.standins.clickhouse",
     "tests.standins.pubsub",
 )

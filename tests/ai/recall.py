@@ -1,0 +1,89 @@
+"""Retrieval quality, measured without a model: recall@k of the runbook index on labelled incidents.
+
+    python -m tests.ai.recall            # recall@1 and recall@3, and every miss
+
+Each line of tests/fixtures/ai_incidents.jsonl is a real-shaped payload (Alertmanager, OEC, AWS Health,
+Security Hub) and the runbook (tests/fixtures/runbooks/) that answers it. The payload goes through the real
+handlers into a scratch SQLite store; the incident it opens is turned into the query the analysis uses
+(application.analysis.retrieval_query) and searched with the index the worker uses (infra.ai.knowledge).
+A hit at k: a passage of the labelled runbook is among the top k passages (k = 3 is what the prompt gets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from application.analysis import retrieval_query
+from application.commands import Command
+from application.dispatcher import Context, bind
+from application.factory import CommandFactory
+from application.handlers import HANDLERS
+from application.incidents import IncidentPolicy
+from application.messages import TYPE_ATTR, Message
+from infra.ai.knowledge import RunbookIndex
+from infra.noop_actions import adapters_off
+from infra.sqlite.store import SqliteStore
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+RUNBOOKS = FIXTURES / "runbooks"
+INCIDENTS = FIXTURES / "ai_incidents.jsonl"
+
+
+@dataclass(frozen=True)
+class Ranked:
+    title: str
+    expected: str
+    found: tuple[str, ...]  # the runbooks of the passages, best first
+
+    def hit(self, k: int) -> bool:
+        return self.expected in self.found[:k]
+
+
+async def rank_all(k: int = 3) -> list[Ranked]:
+    factory = CommandFactory(HANDLERS)
+    index = RunbookIndex(RUNBOOKS)
+    ranked: list[Ranked] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        store = await SqliteStore.open(Path(scratch) / "recall.db")
+        try:
+            handlers = bind(HANDLERS, {"store": store, "policy": IncidentPolicy(), **adapters_off()})
+            for n, line in enumerate(INCIDENTS.read_text().splitlines()):
+                case = json.loads(line)
+                message = Message(json.dumps(case["data"]).encode(), {TYPE_ATTR: case["type"]}, f"recall-{n}")
+                command: Command = factory.decode(message)
+                before = {i.id for i in await store.list()}
+                ctx = Context(message.message_id, message.idempotency_key, 1)
+                for handler in handlers[type(command)]:
+                    await handler(command, ctx)
+                for incident in [i for i in await store.list() if i.id not in before]:
+                    passages = await index.search(retrieval_query(incident), k)
+                    found = tuple(p.source for p in passages)
+                    ranked.append(Ranked(incident.title, case["runbook"], found))
+        finally:
+            await store.close()
+    return ranked
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.parse_args()
+    ranked = asyncio.run(rank_all())
+    runbooks = len(list(RUNBOOKS.glob("*.md")))
+    print(f"{len(ranked)} labelled incidents, {runbooks} runbooks")
+    for k in (1, 3):
+        hits = sum(r.hit(k) for r in ranked)
+        print(f"recall@{k}: {hits / len(ranked):.3f} ({hits}/{len(ranked)})")
+    for r in ranked:
+        if not r.hit(3):
+            print(f"  miss: {r.title!r}: expected {r.expected}, got {list(r.found)}")
+
+
+if __name__ == "__main__":
+    main()

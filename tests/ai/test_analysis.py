@@ -14,8 +14,13 @@ from application.errors import PermanentError
 from tests.ai.conftest import AiWorld, labelled, make_world
 from tests.standins.llm import Behaviour, ModelStandIn
 
-SECRETS = ("hunter2-db-pass", "AKIAIOSFODNN7EXAMPLE", "ghp_abcdefghijklmnopqrstuvwxyz0123456789",
-           "xoxb-123456789012-abcdefghijkl", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXNpZ24")  # fmt: skip
+SECRETS = (
+    "hunter2-db-pass",
+    "AKIAIOSFODNN7EXAMPLE",
+    "ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+    "xoxb-123456789012-abcdefghijkl",
+    "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXNpZ24",
+)
 
 
 def with_secrets(case: dict[str, Any]) -> dict[str, Any]:
@@ -94,7 +99,7 @@ async def test_an_invalid_answer_is_retried_once_with_the_validation_error(
     llm.script(Behaviour(text="The database is probably overloaded."))
     incident = await world.feed_case(labelled("kube-oomkilled.md"))
     await world.run_requests()
-    first, second = llm.calls
+    _, second = llm.calls
     assert "Your answer did not validate" in second.prompt
     assert "The database is probably overloaded." in second.prompt
     [record] = await world.records(incident)

@@ -502,13 +502,17 @@ class Analysis:
     async def request(self, incidents: Sequence[Incident], ctx: Context) -> None:
         """Publish an analysis request for each incident this message opened at or above the minimum
         severity, and for the first incident of each group one of them joined."""
-        for incident in incidents:
-            if not any(e.kind == "opened" and e.message_id == ctx.message_id for e in incident.timeline):
-                continue
+        opened = [
+            i
+            for i in incidents
+            if any(e.kind == "opened" and e.message_id == ctx.message_id for e in i.timeline)
+        ]
+        ids = {str(i.id) for i in opened}
+        for incident in opened:
             if self.policy.wants(incident.severity):
                 await self._publish(incident.id, "opened", f"ai:{incident.id}:opened")
             group = incident.correlation_group
-            if group and group != str(incident.id):
+            if group and group not in ids:  # a group this message started is analysed with its members
                 await self._publish(UUID(group), "correlated", f"ai:{group}:joined-by:{incident.id}")
 
     async def _publish(self, incident_id: UUID, reason: str, request: str) -> None:

@@ -7,6 +7,9 @@ Security Hub) and the runbook (tests/fixtures/runbooks/) that answers it. The pa
 handlers into a scratch SQLite store; the incident it opens is turned into the query the analysis uses
 (application.analysis.retrieval_query) and searched with the index the worker uses (infra.ai.knowledge).
 A hit at k: a passage of the labelled runbook is among the top k passages (k = 3 is what the prompt gets).
+
+``--plain`` drops identifiers from the queries (CamelCase alert names, upper-case event codes, control ids
+such as ``EC2.13``), which the runbooks also name: it measures how far the words alone carry.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +48,14 @@ class Ranked:
         return self.expected in self.found[:k]
 
 
-async def rank_all(k: int = 3) -> list[Ranked]:
+_IDENTIFIER = re.compile(r"[A-Z][a-z]+(?:[A-Z][a-z0-9]+)+|[A-Z0-9]{2,}|[A-Z]{1,4}\d+")
+
+
+def plain(query: str) -> str:
+    return " ".join(w for w in query.split() if not _IDENTIFIER.fullmatch(w))
+
+
+async def rank_all(k: int = 3, *, words_only: bool = False) -> list[Ranked]:
     factory = CommandFactory(HANDLERS)
     index = RunbookIndex(RUNBOOKS)
     ranked: list[Ranked] = []
@@ -61,7 +72,8 @@ async def rank_all(k: int = 3) -> list[Ranked]:
                 for handler in handlers[type(command)]:
                     await handler(command, ctx)
                 for incident in [i for i in await store.list() if i.id not in before]:
-                    passages = await index.search(retrieval_query(incident), k)
+                    query = retrieval_query(incident)
+                    passages = await index.search(plain(query) if words_only else query, k)
                     found = tuple(p.source for p in passages)
                     ranked.append(Ranked(incident.title, case["runbook"], found))
         finally:
@@ -73,8 +85,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.parse_args()
-    ranked = asyncio.run(rank_all())
+    parser.add_argument(
+        "--plain", action="store_true", help="queries without identifiers (alert names, codes)"
+    )
+    args = parser.parse_args()
+    ranked = asyncio.run(rank_all(words_only=args.plain))
     runbooks = len(list(RUNBOOKS.glob("*.md")))
     print(f"{len(ranked)} labelled incidents, {runbooks} runbooks")
     for k in (1, 3):

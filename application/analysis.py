@@ -252,7 +252,7 @@ def retrieval_query(incident: Incident) -> str:
         parts += [str(labels.get(n, "")) for n in ("alertname", "job", "container", "reason", "check")]
     if isinstance(annotations, Mapping):
         parts += [str(annotations.get(n, "")) for n in ("summary", "description", "message")]
-    for name in ("message", "description", "eventTypeCode", "eventTypeCategory", "service", "Title",
+    for name in ("message", "description", "tags", "eventTypeCode", "eventTypeCategory", "service", "Title",
                  "Description", "Types", "GeneratorId"):  # fmt: skip
         value = alert.get(name)
         parts.append(" ".join(map(str, value)) if isinstance(value, list) else str(value or ""))
@@ -450,7 +450,7 @@ class AnalysisPolicy:
     min_severity: SeverityName = "high"
     token_budget: int = 12_000  # per analysis, the one retry included
     max_output_tokens: int = 1_000
-    max_per_hour: int = 30  # model calls per worker process
+    max_per_hour: int = 30  # analyses that call the model, per worker process (a retry counts once)
     top_k: int = 3
     history: int = 5
     timeout: float = 60.0  # per model call

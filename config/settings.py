@@ -243,7 +243,7 @@ class Settings(BaseSettings):
     ai_timeout: float = Field(default=60.0, gt=0, le=600)  # seconds per model call
     ai_token_budget: int = Field(default=12_000, ge=1_000, le=1_000_000)  # per analysis, retry included
     ai_max_output_tokens: int = Field(default=1_000, ge=100, le=100_000)
-    ai_max_per_hour: int = Field(default=30, ge=0, le=100_000)  # model calls per worker process
+    ai_max_per_hour: int = Field(default=30, ge=0, le=100_000)  # analyses calling the model, per worker
 
     @field_validator("ai_model", "ai_base_url")
     @classmethod

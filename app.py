@@ -315,22 +315,7 @@ _publishing("ack", "incident.acknowledge")
 _publishing("resolve", "incident.resolve")
 
 
-@incidents.command("analyze")
-@click.argument("incident_id", type=click.UUID)
-@click.pass_context
-def incidents_analyze(ctx: click.Context, incident_id: Any) -> None:
-    """Publish an incident.analyze command for INCIDENT_ID (AI analysis, docs/ai.md); print its message id.
-
-    The worker analyses it and puts the answer, or why there is none, on the timeline (incidents show)."""
-    settings = _settings(ctx)
-    if settings.broker == "memory":
-        raise click.UsageError(
-            "the memory broker lives inside one worker process; use 'worker --from FILE' with an "
-            '{"type": "incident.analyze", "data": {"incident_id": ...}} line, or set INCIDENTD_BROKER'
-        )
-    actor = os.environ.get("USER") or "cli"
-    body = json.dumps({"incident_id": str(incident_id), "reason": "requested", "actor": actor}).encode()
-    click.echo(asyncio.run(_publish(settings, body, {TYPE_ATTR: "incident.analyze"})))
+_publishing("analyze", "incident.analyze")  # AI analysis (docs/ai.md); --note: a question for the model
 
 
 def _show_analysis(incident: Incident) -> None:

@@ -269,6 +269,7 @@ def build_prompt(
     passages: Sequence[Passage],
     budget: int,
     model: str,
+    question: str = "",
 ) -> Prompt:
     """The prompt, sections in the documented order, trimmed to ``budget`` tokens (estimated)."""
     sections = [
@@ -286,6 +287,10 @@ def build_prompt(
             "Runbook passages (cite by the id in brackets)", [_passage(p) for p in passages], keep=55, floor=1
         ),
     ]
+    if question.strip():  # incidents analyze --note: what the person asking wants to know
+        sections.append(
+            Section("Question from the on-call engineer", [_clip(question, 2000)], keep=100, floor=1)
+        )
     trimmed: list[str] = []
     system = SYSTEM_PROMPT
     while True:
@@ -304,7 +309,7 @@ def build_prompt(
         section.items.pop(1 if section.title.startswith("Timeline") and len(section.items) > 1 else -1)
         if section.title not in trimmed:
             trimmed.append(section.title)
-    used = sections[-1].items
+    used = next(s.items for s in sections if s.title.startswith("Runbook passages"))
     kept = tuple(p for p in passages if any(line.startswith(f"[{p.id}]") for line in used))
     digest = hashlib.sha256("\x00".join((model, system, user)).encode()).hexdigest()
     return Prompt(system, user, kept, tuple(trimmed), digest)
@@ -405,6 +410,7 @@ class AnalysisRecord(BaseModel):
     output_tokens: int = 0
     latency_ms: int = 0
     digest: str = ""
+    question: str = ""
     passages: list[dict[str, Any]] = Field(default_factory=list)  # id, source, heading, score
     trimmed: list[str] = Field(default_factory=list)
     answer: AnalysisAnswer | None = None
@@ -425,7 +431,8 @@ class AnalysisRecord(BaseModel):
             step = a.next_steps[0]
             parts.append(f"next: {step.step}" + (f" [{', '.join(step.cites)}]" if step.cites else ""))
         prefix = "cached, same context as before: " if self.outcome == "cached" else ""
-        return prefix + " | ".join(parts) + f" ({cost})"
+        asked = f"asked {self.question!r}: " if self.question else ""
+        return prefix + asked + " | ".join(parts) + f" ({cost})"
 
 
 def analyses(incident: Incident) -> list[AnalysisRecord]:
@@ -535,7 +542,7 @@ class Analysis:
         if cmd.reason == "correlated" and not (incident.is_open and self.policy.wants(incident.severity)):
             return  # the group's first incident is over, or below the minimum severity: nothing asked
         started = time.monotonic()
-        record = await self._analyse(incident, store, request, cmd.reason)
+        record = await self._analyse(incident, store, request, cmd.reason, redact_text(cmd.note))
         record.latency_ms = int((time.monotonic() - started) * 1000)
         if self.observer is not None:
             self.observer.analysed(record.outcome, time.monotonic() - started, record.input_tokens,
@@ -549,12 +556,14 @@ class Analysis:
             await _post(stored, notifier, tracker)
 
     async def _analyse(
-        self, incident: Incident, store: IncidentStore, request: str, reason: str
+        self, incident: Incident, store: IncidentStore, request: str, reason: str, question: str
     ) -> AnalysisRecord:
-        record = AnalysisRecord(request=request, reason=reason, at=_now(), outcome="failed")
+        record = AnalysisRecord(
+            request=request, reason=reason, at=_now(), outcome="failed", question=question
+        )
         spent = _Spent(model=self.analyst.name)
         try:
-            prompt = await self._prompt(incident, store)
+            prompt = await self._prompt(incident, store, question)
             record.digest, record.trimmed = prompt.digest, list(prompt.trimmed)
             record.passages = [{"id": p.id, "source": p.source, "heading": p.heading, "score": p.score}
                                for p in prompt.passages]  # fmt: skip
@@ -576,7 +585,7 @@ class Analysis:
         )
         return record
 
-    async def _prompt(self, incident: Incident, store: IncidentStore) -> Prompt:
+    async def _prompt(self, incident: Incident, store: IncidentStore, question: str) -> Prompt:
         group, history = await _related(store, incident, self.policy.history)
         try:
             passages = await self.knowledge.search(retrieval_query(incident), self.policy.top_k)
@@ -585,7 +594,8 @@ class Analysis:
             passages = []
         try:
             return build_prompt(incident, group=group, history=history, passages=passages,
-                                budget=self.policy.prompt_budget, model=self.analyst.name)  # fmt: skip
+                                budget=self.policy.prompt_budget, model=self.analyst.name,
+                                question=question)  # fmt: skip
         except BudgetExceeded as exc:
             raise _Failed("failed", str(exc)) from None
 

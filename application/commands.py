@@ -235,3 +235,4 @@ class AnalyzeIncident(IncidentRef):
     TYPE = "incident.analyze"
     reason: Literal["opened", "correlated", "requested"] = "requested"
     request: str = Field(default="", max_length=200)
+    note: str = Field(default="", max_length=2000)  # a question for the model (``incidents analyze --note``)

@@ -315,3 +315,21 @@ def test_answers_are_validated_against_the_passages_given() -> None:
                 {**good, "next_steps": [{"step": "x", "cites": ["other.md#b"]}]}):  # fmt: skip
         with pytest.raises(ValueError):
             parse_answer(json.dumps(bad), ["a.md#b"])
+
+
+async def test_a_question_asked_with_the_request_is_put_to_the_model(
+    world: AiWorld, llm: ModelStandIn
+) -> None:
+    """``incidents analyze ID --note "..."``: the question closes the prompt (redacted like the rest), is
+    part of the context's digest (no cached answer to another question), and heads the timeline entry."""
+    incident = await world.feed_case(labelled("kube-oomkilled.md"))
+    await world.run_requests()
+    await world.analyze(incident, "cli-q", note="Did the rollback help? token=abc123secret")
+    assert len(llm.calls) == 2
+    prompt = llm.calls[1].prompt
+    assert prompt.rstrip().endswith(
+        f"## Question from the on-call engineer\nDid the rollback help? {REDACTED}"
+    )
+    assert "abc123secret" not in prompt
+    assert (await world.records(incident))[1].outcome == "ok"
+    assert (await world.entries(incident))[1].startswith(f"asked 'Did the rollback help? {REDACTED}': ")

@@ -656,6 +656,9 @@ class Analysis:
             raise _Failed("failed", str(exc)) from None
         except IncidentdError as exc:
             raise _Failed("failed", str(exc)) from None
+        except Exception as exc:  # an adapter's bug must not turn a suggestion into a dead letter
+            log.exception("analysis.model_call_failed")
+            raise _Failed("failed", f"unexpected error from the model adapter: {exc!r}") from None
         spent.add(reply)
         return reply
 

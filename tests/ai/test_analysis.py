@@ -333,3 +333,19 @@ async def test_a_question_asked_with_the_request_is_put_to_the_model(
     assert "abc123secret" not in prompt
     assert (await world.records(incident))[1].outcome == "ok"
     assert (await world.entries(incident))[1].startswith(f"asked 'Did the rollback help? {REDACTED}': ")
+
+
+async def test_an_unexpected_adapter_error_is_recorded_too(world: AiWorld) -> None:
+    """An exception the adapter did not classify (a bug) is recorded as a failed analysis, not raised."""
+
+    class Broken:
+        name = "broken/1"
+
+        async def complete(self, system: str, turns: Any, *, max_tokens: int) -> Any:
+            raise RuntimeError("boom")
+
+    world.analysis.analyst = Broken()
+    incident = await world.feed_case(labelled("kube-oomkilled.md"))
+    await world.run_requests()
+    [record] = await world.records(incident)
+    assert record.outcome == "failed" and "RuntimeError('boom')" in record.error

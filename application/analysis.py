@@ -518,9 +518,9 @@ class Analysis:
         for incident in opened:
             if self.policy.wants(incident.severity):
                 await self._publish(incident.id, "opened", f"ai:{incident.id}:opened")
-            group = incident.correlation_group
-            if group and group not in ids:  # a group this message started is analysed with its members
-                await self._publish(UUID(group), "correlated", f"ai:{group}:joined-by:{incident.id}")
+            group = _group_root(incident.correlation_group)
+            if group is not None and str(group) not in ids:  # a group this message started: analysed above
+                await self._publish(group, "correlated", f"ai:{group}:joined-by:{incident.id}")
 
     async def _publish(self, incident_id: UUID, reason: str, request: str) -> None:
         body = orjson.dumps({"incident_id": str(incident_id), "reason": reason, "request": request,
@@ -707,6 +707,14 @@ async def _related(store: IncidentStore, incident: Incident, n: int) -> tuple[li
     same_service = [i for i in resolved if incident.service and i.dedup_key != incident.dedup_key]
     newest = sorted(same_key, key=_resolved, reverse=True) + sorted(same_service, key=_resolved, reverse=True)
     return group[:20], newest[:n]
+
+
+def _group_root(group: str) -> UUID | None:
+    """The incident that started a correlation group (groups are named after it), if the name is one."""
+    try:
+        return UUID(group) if group else None
+    except ValueError:
+        return None
 
 
 def _resolved(i: Incident) -> datetime:

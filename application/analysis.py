@@ -53,7 +53,7 @@ from application.commands import (
 from application.dispatcher import Context, Handler
 from application.errors import IncidentdError, PermanentError, TransientError
 from application.handlers import _touched  # the incidents a command changes, as after_commit uses them
-from application.incidents import Incident, SeverityName, TimelineEntry
+from application.incidents import Incident, SeverityName
 from application.ports import (
     ISSUE_LINK,
     Analyst,
@@ -74,7 +74,7 @@ KIND = "analysis"  # their kind
 ENRICHMENT = "ai"  # incident.enrichment[ENRICHMENT] = {"summary": ..., "analyses": [record, ...]}
 KEPT_RECORDS = 10  # analyses kept per incident (the timeline keeps every entry)
 SEVERITY_RANK: dict[SeverityName, int] = {"critical": 4, "high": 3, "medium": 2, "low": 1, "info": 0}
-Outcome = Literal["ok", "cached", "failed", "skipped"]
+AnalysisOutcome = Literal["ok", "cached", "failed", "skipped"]
 
 
 # --- the answer ---------------------------------------------------------------------------------------
@@ -403,7 +403,7 @@ class AnalysisRecord(BaseModel):
     request: str
     reason: str
     at: datetime
-    outcome: Outcome
+    outcome: AnalysisOutcome
     error: str = ""
     model: str = ""
     input_tokens: int = 0
@@ -485,9 +485,9 @@ class _Spent:
 
 
 class _Failed(Exception):
-    def __init__(self, outcome: Outcome, error: str) -> None:
+    def __init__(self, outcome: AnalysisOutcome, error: str) -> None:
         super().__init__(error)
-        self.outcome: Outcome = outcome
+        self.outcome: AnalysisOutcome = outcome
 
 
 @dataclass
@@ -758,10 +758,6 @@ async def _post(incident: Incident, notifier: Notifier | None, tracker: IssueTra
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def latest_entry(incident: Incident) -> TimelineEntry | None:
-    return next((e for e in reversed(incident.timeline) if e.kind == KIND), None)
 
 
 # --- handlers (registered by with_analysis) -------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 
 from application.analysis import REDACTED, parse_answer
 from application.errors import PermanentError
+from application.ports import TrackedIssue
 from tests.ai.conftest import AiWorld, labelled, make_world
 from tests.standins.llm import Behaviour, ModelStandIn
 
@@ -289,19 +290,39 @@ async def test_with_ai_off_an_analyze_command_is_dead_lettered_with_the_reason(w
         await world.analyze(incident)
 
 
-async def test_the_analysis_is_posted_to_slack_when_slack_is_on(world: AiWorld, llm: ModelStandIn) -> None:
-    """With a notifier, the analysis entry is sent once, as the incident's "analysis" transition."""
-    sent: list[tuple[str, str]] = []
+async def test_the_analysis_is_posted_to_slack_and_the_github_issue(
+    world: AiWorld, llm: ModelStandIn
+) -> None:
+    """With Slack and GitHub on, the analysis entry is sent once to each: as the incident's "analysis"
+    message, and as a comment on the issue the incident's opening got."""
+    sent: list[tuple[str, str, str]] = []
 
     class Notifier:
         async def notify(self, incident: Any, entry: Any) -> None:
-            sent.append((entry.kind, entry.note))
+            sent.append(("slack", entry.kind, entry.note))
 
-    world.extra["notifier"] = Notifier()
+    class Tracker:
+        def tracks(self, incident: Any) -> bool:
+            return True
+
+        async def open_issue(self, incident: Any) -> TrackedIssue:
+            return TrackedIssue(7, "https://github.example/acme/ops/issues/7")
+
+        async def find_issue(self, incident: Any) -> None:
+            return None
+
+        async def comment(self, incident: Any, entry: Any) -> None:
+            sent.append(("github", entry.kind, entry.note))
+
+        async def close_issue(self, incident: Any, entry: Any) -> None:
+            raise AssertionError("not resolved")
+
+    world.extra.update(notifier=Notifier(), issue_tracker=Tracker())
     await world.feed_case(labelled("kube-oomkilled.md"))
     await world.run_requests()
-    analysis = [note for kind, note in sent if kind == "analysis"]
-    assert len(analysis) == 1 and "kube-oomkilled.md#" in analysis[0]
+    analysis = [(where, note) for where, kind, note in sent if kind == "analysis"]
+    assert [where for where, _ in analysis] == ["slack", "github"]
+    assert all("kube-oomkilled.md#" in note for _, note in analysis)
 
 
 def test_answers_are_validated_against_the_passages_given() -> None:

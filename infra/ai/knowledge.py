@@ -47,7 +47,7 @@ class RunbookIndex:
         index = await self._current()
         if index.retriever is None or k <= 0 or not query.strip():
             return []
-        tokens = self._tokenize([query], return_ids=False)
+        tokens = _tokenize([query], self._stemmer, return_ids=False)
         found, scores = index.retriever.retrieve(tokens, k=min(k, len(index.passages)), show_progress=False)
         ranked = [
             (index.passages[int(i)], float(s)) for i, s in zip(found[0], scores[0], strict=True) if s > 0
@@ -90,13 +90,16 @@ class RunbookIndex:
         if not passages:
             return _Index(fingerprint, (), None)
         retriever = bm25s.BM25()
-        retriever.index(self._tokenize([_indexed_text(p) for p in passages]), show_progress=False)
+        stemmer = Stemmer.Stemmer("english")  # its own: this runs in a thread while searches stem queries
+        texts = [_indexed_text(p) for p in passages]
+        retriever.index(_tokenize(texts, stemmer, return_ids=True), show_progress=False)
         return _Index(fingerprint, tuple(passages), retriever)
 
-    def _tokenize(self, texts: list[str], return_ids: bool = True) -> Any:
-        return bm25s.tokenize(
-            texts, stopwords="en", stemmer=self._stemmer.stemWords, return_ids=return_ids, show_progress=False
-        )
+
+def _tokenize(texts: list[str], stemmer: Any, *, return_ids: bool) -> Any:
+    return bm25s.tokenize(
+        texts, stopwords="en", stemmer=stemmer.stemWords, return_ids=return_ids, show_progress=False
+    )
 
 
 def split_runbook(source: str, text: str) -> list[Passage]:

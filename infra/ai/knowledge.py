@@ -88,6 +88,7 @@ class RunbookIndex:
                 continue
             passages.extend(split_runbook(name, text))
         if not passages:
+            log.warning("ai.knowledge_empty", folder=str(self._folder), exists=self._folder.is_dir())
             return _Index(fingerprint, (), None)
         retriever = bm25s.BM25()
         stemmer = Stemmer.Stemmer("english")  # its own: this runs in a thread while searches stem queries

@@ -22,12 +22,14 @@ ROOT = Path(__file__).resolve().parents[2]
 SECRET = "s3cr3t-Pa55word-from-a-label"
 
 
+@pytest.mark.parametrize("provider", ["openai", "bedrock"])
 async def test_an_incident_fed_through_the_worker_gets_a_grounded_analysis(
-    llm: ModelStandIn, tmp_path: Path
+    llm: ModelStandIn, tmp_path: Path, provider: str
 ) -> None:
-    """Two alerts and an AWS Health issue through the worker: each incident at or above `high` gets one
-    validated `analysis` entry citing the runbook that answers it; the API key file's key authenticates;
-    no label secret reaches the model; `incidents show` prints the answer; every message is acked."""
+    """Two alerts and an AWS Health issue through the worker, on either provider: each incident at or
+    above `high` gets one validated `analysis` entry citing the runbook that answers it; the API key
+    file's key authenticates (openai), requests are SigV4-signed (bedrock); no label secret reaches the
+    model; `incidents show` prints the answer; every message is acked."""
     llm.api_key = API_KEY
     (tmp_path / "key").write_text(API_KEY + "\n")
     cases = [labelled("postgres-too-many-connections.md"), labelled("kube-pod-crashlooping.md"),
@@ -44,6 +46,13 @@ async def test_an_incident_fed_through_the_worker_gets_a_grounded_analysis(
         "INCIDENTD_AI_API_KEY_FILE": str(tmp_path / "key"),
         "INCIDENTD_AI_KNOWLEDGE_DIR": str(RUNBOOKS),
     }
+    if provider == "bedrock":
+        env |= {
+            "INCIDENTD_AI_PROVIDER": "bedrock", "INCIDENTD_AI_MODEL": "anthropic.claude-3-haiku-v1:0",
+            "INCIDENTD_AI_ENDPOINT_URL": llm.url, "INCIDENTD_AI_REGION": "eu-west-1",
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        }  # fmt: skip
+        env.pop("AWS_PROFILE", None)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "app.py", "worker", "--from", str(feed), cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -52,7 +61,7 @@ async def test_an_incident_fed_through_the_worker_gets_a_grounded_analysis(
     assert process.returncode == 0, err.decode()[-3000:]
     assert out.decode().startswith("messages: 6 acked, 0 dead-lettered, 0 retried"), out.decode()
 
-    assert len(llm.calls) == 3
+    assert len(llm.calls) == 3 and {call.api for call in llm.calls} == {provider}
     assert all(SECRET not in call.prompt for call in llm.calls)
     store = await SqliteStore.open(tmp_path / "incidentd.db")
     try:

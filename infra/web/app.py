@@ -65,7 +65,8 @@ class HttpDeps:
 
 
 DEPS = web.AppKey("deps", HttpDeps)
-PRINCIPAL = "incidentd.principal"  # request key: the authenticated caller
+PRINCIPAL = web.RequestKey("principal", Principal)  # the authenticated caller
+MESSAGE_ID = web.RequestKey("message_id", str)  # the id of the message a request published
 
 
 class Problem(Exception):
@@ -100,7 +101,7 @@ def requires(role: str) -> Callable[[H], H]:
 
 
 def principal(request: web.Request) -> Principal:
-    return request.get(PRINCIPAL, ANONYMOUS)  # type: ignore[no-any-return]
+    return request.get(PRINCIPAL) or ANONYMOUS
 
 
 def endpoint(request: web.Request) -> str:
@@ -137,7 +138,7 @@ async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     if problem is not None:
         log.info("http.rejected", reason=problem.kind, detail=problem.detail, **fields)
     else:
-        log.info("http.answered", message_id=request.get("incidentd.message_id", ""), **fields)
+        log.info("http.answered", message_id=request.get(MESSAGE_ID, ""), **fields)
     return response
 
 

@@ -27,7 +27,7 @@ from application.commands import (
 )
 from application.errors import DecodeError
 from application.messages import TYPE_ATTR, Message
-from infra.web.app import DEPS, HttpDeps, Problem, endpoint, principal, requires
+from infra.web.app import DEPS, MESSAGE_ID, HttpDeps, Problem, endpoint, principal, requires
 from infra.web.auth import retry_after
 
 log = structlog.get_logger("incidentd.http")
@@ -80,7 +80,7 @@ async def ingest(request: web.Request, type_name: str) -> web.Response:
     except DecodeError as exc:
         raise Problem(400, "invalid-body", str(exc)) from None
     message_id = stable_id(request.path, body)
-    request["incidentd.message_id"] = message_id
+    request[MESSAGE_ID] = message_id
     attributes = {TYPE_ATTR: type_name, SENDER_ATTR: principal(request).name}
     await publish(request, deps, body, attributes, message_id)
     return web.json_response({"status": "accepted", "type": type_name, "message_id": message_id}, status=202)

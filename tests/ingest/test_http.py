@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from application.errors import DecodeError
 from application.factory import CommandFactory
 from application.handlers import HANDLERS
 from application.messages import TYPE_ATTR, Message
 from tests.conftest import fixture_json
-from tests.ingest.conftest import READ_TOKEN, TOKEN, BrokerUnderTest, Client, bearer, serving
+from tests.ingest.conftest import READ_TOKEN, TOKEN, BrokerUnderTest, Client, bearer, eventually, serving
 
 pytestmark = pytest.mark.integration
 
@@ -32,6 +33,10 @@ COMMANDS = {
     "incident.resolve": {"dedup_key": "db-disk"},
     "incident.note": {"dedup_key": "db-disk", "note": "freed 20 GB"},
 }
+
+
+def write(path: Path, text: str) -> None:
+    path.write_text(text)
 
 
 def dead_letter_reason(type_name: str, body: bytes) -> str:
@@ -192,3 +197,25 @@ async def test_the_rate_limit_answers_429_with_retry_after(
         assert int(answer["_headers"]["Retry-After"]) in (1, 2)
         assert (await post(client, "/v1/alertmanager", body, bearer(other)))[0] == 202
     assert len(await broker.published()) == 4
+
+
+async def test_a_changed_tokens_file_is_reread_and_a_broken_one_is_not_used(
+    broker: BrokerUnderTest, tokens_file: Path
+) -> None:
+    """A token added to the file is accepted within the reload interval without a restart; a file that no
+    longer parses leaves the tokens in force (and a removed token stops working once a good file is back)."""
+    body = json.dumps(COMMANDS["incident.create"]).encode()
+    new = "rotated-token-0123456789abcdef"
+    async with serving(broker, tokens_file, http_tokens_reload_interval=0.1) as client:
+
+        async def accepted(token: str) -> bool:
+            return (await post(client, "/v1/commands/incident.create", body, bearer(token)))[0] == 202
+
+        with capture_logs() as logs:
+            write(tokens_file, "this line is not a token\n")
+            await eventually(lambda: any(e["event"] == "http.tokens_reload_failed" for e in logs))
+        assert "line 1" in next(e["reason"] for e in logs if e["event"] == "http.tokens_reload_failed")
+        assert await accepted(TOKEN)
+        write(tokens_file, f"rotated:{new}\n")
+        await eventually(lambda: accepted(new), timeout=30)
+        assert not await accepted(TOKEN)

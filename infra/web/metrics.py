@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 # A confirm on a healthy broker takes a few ms; past the publish timeout (10 s) the request is a 503.
@@ -31,11 +33,24 @@ class HttpMetrics:
             registry=registry,
         )
 
+        # Bound children, looked up once per label set: ``labels()`` costs more than the increment itself,
+        # and it runs on every request. The label sets are few (routes x statuses).
+        self._answered: dict[tuple[str, int], Any] = {}
+        self._published: dict[str, Any] = {}
+
     def answered(self, endpoint: str, status: int) -> None:
-        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        child = self._answered.get((endpoint, status))
+        if child is None:
+            child = self._answered[(endpoint, status)] = self.requests.labels(
+                endpoint=endpoint, status=str(status)
+            )
+        child.inc()
 
     def published(self, endpoint: str, seconds: float) -> None:
-        self.publish_duration.labels(endpoint=endpoint).observe(seconds)
+        child = self._published.get(endpoint)
+        if child is None:
+            child = self._published[endpoint] = self.publish_duration.labels(endpoint=endpoint)
+        child.observe(seconds)
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason=reason).inc()

@@ -3,6 +3,7 @@ the broker (``broker.published()``). The real application is served on a loopbac
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -219,3 +220,23 @@ async def test_a_changed_tokens_file_is_reread_and_a_broken_one_is_not_used(
         write(tokens_file, f"rotated:{new}\n")
         await eventually(lambda: accepted(new), timeout=30)
         assert not await accepted(TOKEN)
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_a_408(
+    broker: BrokerUnderTest, tokens_file: Path
+) -> None:
+    """A sender that declares a body and stops sending it half-way gets 408 after the read timeout (its
+    connection does not stay occupied), and nothing is published."""
+    body = json.dumps(fixture_json("alertmanager_firing")).encode()
+    async with serving(broker, tokens_file, http_read_timeout=0.5) as client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        head = (
+            f"POST /v1/alertmanager HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        writer.write(head.encode() + body[: len(body) // 2])
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 30)
+        writer.close()
+        assert status_line.split()[1] == b"408"
+    assert await broker.published() == []

@@ -28,6 +28,18 @@ async def test_ingest_on_a_real_broker_refuses_to_start_without_tokens() -> None
     assert "INCIDENTD_HTTP_TOKENS_FILE" in out and "INCIDENTD_HTTP_AUTH=none" in out
 
 
+async def test_ingest_refuses_a_broken_tokens_file_naming_the_line_not_the_token(tmp_path: Path) -> None:
+    """A tokens file with a bad line stops `ingest` at start-up: exit 2, one line with the line number,
+    and the secret on that line is not printed."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alertmanager:{TOKEN}\nbroken:short-secret\n")
+    code, out = await run_app(
+        {"INCIDENTD_BROKER": "rabbitmq", "INCIDENTD_HTTP_TOKENS_FILE": str(tokens)}, "ingest"
+    )
+    assert code == 2 and out.strip().count("\n") == 0
+    assert "line 2 (broken)" in out and "short-secret" not in out and TOKEN not in out
+
+
 async def test_run_refuses_a_non_loopback_address_without_tokens(tmp_path: Path) -> None:
     """`run` bound to 0.0.0.0 without a tokens file exits 2 with one line; nothing is served."""
     env = {"INCIDENTD_HTTP_HOST": "0.0.0.0", "INCIDENTD_SQLITE_PATH": str(tmp_path / "db")}

@@ -5,6 +5,7 @@ so the broker's outage is the ingest's alone (the other suites sharing RabbitMQ 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from tests.ingest import alertmanager
 from tests.ingest.conftest import TOKEN, broker_under_test, eventually
 from tests.ingest.processes import app_process, broker_env, incidents
 from tests.proxy import TcpProxy
+from tests.workers import get
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,6 +41,10 @@ def alert(
     return doc
 
 
+async def _is(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
+
+
 @contextlib.asynccontextmanager
 async def ingest_proxy(kind: str):  # type: ignore[no-untyped-def]
     """A TCP proxy in front of the broker, and the environment that points the ingest through it."""
@@ -59,7 +65,8 @@ async def test_alertmanager_alerts_become_incidents_and_none_is_lost(
     """Alerts posted to Alertmanager become open incidents; posted again with endsAt in the past they
     resolve; through a receiver with a wrong token nothing is published and the ingest counts the 401s;
     with the broker cut off mid-test the ingest answers 503, Alertmanager retries, and once the broker is
-    back every alert is an incident. No token appears in the ingest's log."""
+    back every alert is an incident; the ingest's /readyz is 503 while the broker is unreachable. No token
+    appears in the ingest's log."""
     db = tmp_path / "incidents.db"
     tokens = tmp_path / "tokens"
     tokens.write_text(f"alertmanager:{TOKEN}:ingest\n")
@@ -113,8 +120,14 @@ async def test_alertmanager_alerts_become_incidents_and_none_is_lost(
 
                 await eventually(refused, timeout=90)
                 assert not any(title.startswith("Alert during") for title in incidents(db))
+
+                async def readiness() -> int:
+                    return (await get(f"{ingest.ops}/readyz"))[0]
+
+                await eventually(lambda: _is(readiness(), 503), timeout=60)
             expected |= {a["annotations"]["summary"]: "open" for a in during}
             await eventually(lambda: incidents(db) == expected, timeout=120)
+            await eventually(lambda: _is(readiness(), 200), timeout=60)
 
             assert await ingest.stop() == 0
             assert await worker.stop() == 0

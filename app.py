@@ -29,6 +29,7 @@ from config.settings import Settings, SettingsError, load
 
 if TYPE_CHECKING:
     from infra.ops import OpsServer
+    from infra.web.server import AuthPlan, HttpServer
 
 T = TypeVar("T")
 
@@ -185,6 +186,122 @@ def _table(incidents: list[Incident]) -> list[str]:
             f"{i.id!s:36}  {i.status:12}  {i.severity:8}  {i.service[:16]:16}  {i.occurrences:>3}  {i.title}"
         )
     return rows
+
+
+# --- HTTP ingest: `ingest` and the all-in-one `run` (infra/web; docs/ingest.md) ----------------------
+
+
+@cli.command()
+@click.pass_context
+def ingest(ctx: click.Context) -> None:
+    """Serve the HTTP ingest until SIGTERM: webhooks in, validated, published; 202 only once confirmed."""
+    settings = _settings(ctx)
+    if settings.broker == "memory":
+        raise click.UsageError(
+            "the memory broker lives inside one process; use 'run' (ingest and worker in one process), "
+            "or set INCIDENTD_BROKER=rabbitmq or pubsub"
+        )
+    asyncio.run(_ingest(settings, _http_auth(settings, settings.http_host)))
+
+
+@cli.command()
+@click.pass_context
+def run(ctx: click.Context) -> None:
+    """Everything in one process (the embedded default: memory broker, SQLite): the HTTP ingest and the
+    worker. Binds 127.0.0.1 unless INCIDENTD_HTTP_HOST (INCIDENTD_OPS_HOST for the probes and metrics) is
+    set; SIGTERM / Ctrl-C stops both."""
+    settings = _settings(ctx)
+    local = {name: "127.0.0.1" for name in ("http_host", "ops_host") if name not in settings.model_fields_set}
+    settings = settings.model_copy(update=local)
+    host = settings.http_host
+    asyncio.run(_run(settings, _http_auth(settings, host)))
+
+
+def _http_auth(settings: Settings, host: str) -> AuthPlan:
+    from infra.web.server import RefusedToStart, plan_auth
+
+    try:
+        return plan_auth(settings, host)
+    except RefusedToStart as exc:
+        click.echo(f"incidentd: {exc}", err=True)
+        sys.exit(2)
+
+
+async def _front_door(settings: Settings, container: Container, broker: Broker, auth: AuthPlan) -> HttpServer:
+    """Start the HTTP application on the broker's publisher; log (and say) where and who may call."""
+    import structlog
+
+    from infra.web.app import make_app
+    from infra.web.server import HttpServer, build_deps
+
+    deps = build_deps(settings, broker, container.metrics().registry, auth.tokens, container.handlers())
+    server = HttpServer(
+        make_app(deps), settings.http_host, settings.http_port, shutdown_timeout=settings.shutdown_timeout
+    )
+    await server.start()
+    tokens = auth.tokens
+    if tokens is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: tokens.reload(force=True))
+    url = f"http://{settings.http_host}:{server.port}"
+    structlog.get_logger("incidentd.http").info("http.listening", url=url, auth=auth.says)
+    click.echo(f"incidentd: ingest on {url}/v1/... ({auth.says})", err=True)
+    return server
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _ingest(settings: Settings, auth: AuthPlan) -> None:
+    from infra.ops import OpsServer
+    from infra.web.server import broker_check
+
+    async with _container(settings) as container:
+        broker: Broker = await container.broker()
+        server = await _front_door(settings, container, broker, auth)
+        metrics = container.metrics()
+        ops = OpsServer(
+            metrics.registry, host=settings.ops_host, port=settings.ops_port,
+            checks={"broker": broker_check(broker, settings)},
+            loop_lag_threshold=settings.ops_loop_lag_threshold, on_lag=metrics.loop_lag.set,
+        )  # fmt: skip
+        if settings.ops_enabled:
+            await ops.start()
+        await _stop_on_signals().wait()
+        ops.mark_stopping()  # /readyz 503 from now on
+        await server.stop()  # stop accepting; answer the requests in flight (each waits for its confirm)
+        await ops.stop()
+
+
+async def _run(settings: Settings, auth: AuthPlan) -> None:
+    async with _container(settings) as container:
+        broker: Broker = await container.broker()
+        dispatcher: Dispatcher = await container.dispatcher()  # type: ignore[misc]
+        await broker.setup()
+        ops = await _start_ops(settings, container, broker, dispatcher)
+        server = await _front_door(settings, container, broker, auth)
+        term, stop = _stop_on_signals(), asyncio.Event()
+
+        async def front_door_first() -> None:
+            """On SIGTERM: not ready, close the door (answering what is in flight), then drain the worker."""
+            await term.wait()
+            if ops is not None:
+                ops.mark_stopping()
+            await server.stop()
+            stop.set()
+
+        closing = asyncio.create_task(front_door_first())
+        report = await run_worker(
+            broker.subscriber, dispatcher, stop=stop, shutdown_timeout=settings.shutdown_timeout
+        )
+        term.set()  # the worker may also have stopped on its own
+        await closing
+        if ops is not None:
+            container.metrics().drained(report.seconds)
+            await ops.stop()
 
 
 # --- publish ----------------------------------------------------------------------------------------

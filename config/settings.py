@@ -278,6 +278,33 @@ class Settings(BaseSettings):
     # /healthz fails once the event loop runs its watchdog timer this many seconds late (a blocked loop).
     ops_loop_lag_threshold: float = Field(default=10.0, gt=0)
 
+    # --- HTTP ingest (infra/web; docs/ingest.md) --------------------------------------------------------
+    # The webhook front door of `app.py ingest` and `app.py run`; its probes and /metrics stay on ops_port.
+    http_host: str = "0.0.0.0"  # `run` binds 127.0.0.1 unless this is set explicitly
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    # Lines NAME:TOKEN or NAME:TOKEN:ROLE[,ROLE] (roles ingest, read, write; none given = all); re-read
+    # when the file changes and on SIGHUP.
+    http_tokens_file: Path | None = None
+    # "none": serve without authentication even on a real broker or a non-loopback address (behind a
+    # mesh that authenticates). Without a tokens file and without this, `ingest` refuses to start.
+    http_auth: Literal["tokens", "none"] = "tokens"
+    # 5 MiB holds an Alertmanager batch of 1,000 alerts (~1.5 KB each) and stays under Pub/Sub's 10 MB.
+    http_max_body_bytes: int = Field(default=5 * 1024 * 1024, ge=1024, le=9 * 1024 * 1024)
+    http_read_timeout: float = Field(default=10.0, gt=0)  # seconds to receive a request's body
+    # Seconds to wait for the broker's confirm before answering 503 (the sender retries).
+    http_publish_timeout: float = Field(default=10.0, gt=0)
+    http_retry_after: int = Field(default=5, ge=1, le=3600)  # the Retry-After of a 503, in seconds
+    http_rate_limit: float = Field(default=100.0, ge=0)  # requests per second per token (0: no limit)
+    http_rate_burst: int = Field(default=500, ge=1)  # requests a token may send at once
+    http_tokens_reload_interval: float = Field(default=5.0, gt=0)  # seconds between checks of the file
+
+    @field_validator("http_auth")
+    @classmethod
+    def _auth_or_tokens(cls, value: str, info: ValidationInfo) -> str:
+        if value == "none" and info.data.get("http_tokens_file") is not None:
+            raise ValueError("'none' contradicts http_tokens_file; set one of them")
+        return value
+
     @field_validator("retry_backoff")
     @classmethod
     def _non_negative(cls, value: list[float]) -> list[float]:

@@ -32,12 +32,15 @@ def env_of(settings: Mapping[str, object]) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def worker_process(env: Mapping[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``python app.py worker`` with ``env`` over this process's environment, stdout and stderr appended
-    to ``log``; killed on exit if it is still running (the test failed)."""
+def worker_process(
+    env: Mapping[str, str], log: Path, command: str = "worker"
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``python app.py worker`` (or ``command``: ``ingest``, ``run``) with ``env`` over this process's
+    environment, stdout and stderr appended to ``log``; killed on exit if it is still running (the test
+    failed)."""
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "app.py", "worker"], cwd=ROOT, env=os.environ | dict(env), stderr=out, stdout=out
+            [sys.executable, "app.py", command], cwd=ROOT, env=os.environ | dict(env), stderr=out, stdout=out
         )
     try:
         yield process

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# What tests/ingest needs beyond `pip install -e '.[test]'`: a real Alertmanager (Debian's
+# prometheus-alertmanager, 0.25) whose webhook receiver posts to the ingest. The tests start it
+# themselves on a free loopback port with a generated config (tests/ingest/alertmanager.py); the
+# package's own service is not used. Idempotent and quiet.
+set -euo pipefail
+
+found() { command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1; }
+if found; then
+    exit 0
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo"
+fi
+if ! apt-cache show prometheus-alertmanager >/dev/null 2>&1; then
+    $SUDO apt-get update -qq
+fi
+# In a container the package's own service does not start (no init); the tests never use it.
+$SUDO apt-get install -y -qq --no-install-recommends prometheus-alertmanager >/dev/null 2>&1 \
+    || $SUDO apt-get install -y -qq --no-install-recommends prometheus-alertmanager >/dev/null
+found || { echo "install-ingest: prometheus-alertmanager installed no alertmanager binary" >&2; exit 1; }

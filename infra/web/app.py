@@ -1,0 +1,190 @@
+"""The one aiohttp application of a process: :func:`make_app` builds it from :class:`HttpDeps`.
+
+Each area adds its ``web.RouteTableDef`` here (``ingest`` now; the incident API and the pages later);
+every route declares the role it needs with :func:`requires`. Two middlewares wrap every request:
+``answer`` turns every error into ``application/problem+json`` (RFC 9457, a stable ``type`` per reason),
+counts and logs the answer; ``authorize`` checks the token, the role and the caller's rate limit before
+a handler runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+from aiohttp import web
+
+from application.factory import CommandFactory
+from application.ports import Publisher
+from infra.web.auth import ANONYMOUS, Principal, RateLimiter, Tokens, retry_after
+from infra.web.metrics import HttpMetrics
+
+log = structlog.get_logger("incidentd.http")
+
+PROBLEM_TYPE = "urn:incidentd:problem:"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+TITLES = {
+    "invalid-body": "The body is not a valid event of this endpoint",
+    "too-large": "The body is over the size limit",
+    "read-timeout": "The body did not arrive in time",
+    "unauthorized": "A valid token is required",
+    "forbidden": "The token lacks the role this endpoint needs",
+    "rate-limited": "Too many requests for this token",
+    "broker-unavailable": "The broker did not confirm the message; nothing was accepted",
+    "unknown-command-type": "No such command type",
+    "not-found": "No such endpoint",
+    "method-not-allowed": "Method not allowed on this endpoint",
+    "internal-error": "Internal error",
+}
+_HTTP_KINDS = {404: "not-found", 405: "method-not-allowed", 413: "too-large", 408: "read-timeout"}
+ROLE_ATTR = "incidentd_role"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+H = TypeVar("H", bound=Handler)
+
+
+@dataclass(frozen=True)
+class HttpDeps:
+    """What the handlers use. ``tokens`` None: no authentication (see infra.web.server.plan_auth)."""
+
+    publisher: Publisher
+    factory: CommandFactory
+    metrics: HttpMetrics
+    tokens: Tokens | None
+    limiter: RateLimiter
+    max_body_bytes: int = 5 * 1024 * 1024
+    read_timeout: float = 10.0
+    publish_timeout: float = 10.0
+    retry_after: int = 5
+    tokens_reload_interval: float = 5.0
+
+
+DEPS = web.AppKey("deps", HttpDeps)
+PRINCIPAL = web.RequestKey("principal", Principal)  # the authenticated caller
+MESSAGE_ID = web.RequestKey("message_id", str)  # the id of the message a request published
+
+
+class Problem(Exception):
+    """An error answer: raise it from a handler; the ``answer`` middleware renders it."""
+
+    def __init__(self, status: int, kind: str, detail: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.kind, self.detail = status, kind, detail
+        self.headers = dict(headers or {})
+
+    def response(self, instance: str) -> web.Response:
+        doc = {
+            "type": PROBLEM_TYPE + self.kind,
+            "title": TITLES.get(self.kind, self.kind),
+            "status": self.status,
+            "detail": self.detail,
+            "instance": instance,
+        }
+        return web.Response(
+            status=self.status, text=json.dumps(doc), content_type=PROBLEM_CONTENT_TYPE, headers=self.headers
+        )
+
+
+def requires(role: str) -> Callable[[H], H]:
+    """Marks a route handler with the role its caller needs (``ingest``, ``read`` or ``write``)."""
+
+    def mark(handler: H) -> H:
+        setattr(handler, ROLE_ATTR, role)
+        return handler
+
+    return mark
+
+
+def principal(request: web.Request) -> Principal:
+    return request.get(PRINCIPAL) or ANONYMOUS
+
+
+def endpoint(request: web.Request) -> str:
+    """The route's name (a closed set, fit for a metric label); ``other`` when none matched."""
+    route = request.match_info.route
+    return route.name if route is not None and route.name else "other"
+
+
+@web.middleware
+async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    deps = request.app[DEPS]
+    started = time.perf_counter()
+    problem: Problem | None = None
+    try:
+        response = await handler(request)
+    except Problem as exc:
+        problem = exc
+    except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, body over client_max_size
+        if exc.status < 400:
+            raise
+        kind = _HTTP_KINDS.get(exc.status, "internal-error" if exc.status >= 500 else "invalid-body")
+        allow = {k: v for k, v in exc.headers.items() if k == "Allow"}
+        problem = Problem(exc.status, kind, exc.reason, allow)
+    except Exception as exc:
+        log.exception("http.internal_error", endpoint=endpoint(request))
+        problem = Problem(500, "internal-error", f"{type(exc).__name__}; see the server's log")
+    if problem is not None:
+        response = problem.response(request.path)
+        deps.metrics.reject(problem.kind)
+    name = endpoint(request)
+    deps.metrics.answered(name, response.status)
+    fields: dict[str, Any] = {"endpoint": name, "status": response.status, "sender": principal(request).name,
+                              "ms": round((time.perf_counter() - started) * 1000, 1)}  # fmt: skip
+    if problem is not None:
+        log.info("http.rejected", reason=problem.kind, detail=problem.detail, **fields)
+    else:
+        log.info("http.answered", message_id=request.get(MESSAGE_ID, ""), **fields)
+    return response
+
+
+@web.middleware
+async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
+    role = getattr(request.match_info.handler, ROLE_ATTR, None)
+    if role is None:  # no route matched: 404 / 405, nothing to protect
+        return await handler(request)
+    deps = request.app[DEPS]
+    header = request.headers.get("Authorization")
+    caller = ANONYMOUS if deps.tokens is None else deps.tokens.authenticate(header)
+    if caller is None:
+        raise Problem(
+            401, "unauthorized", "a valid token is required",
+            {"WWW-Authenticate": 'Bearer realm="incidentd", Basic realm="incidentd"'},
+        )  # fmt: skip
+    request[PRINCIPAL] = caller
+    if role not in caller.roles:
+        raise Problem(403, "forbidden", f"the token {caller.name!r} lacks the role {role!r}")
+    wait = deps.limiter.admit(caller.name)
+    if wait > 0:
+        raise Problem(
+            429, "rate-limited", f"over {deps.limiter.rate:g} requests/s for {caller.name!r}",
+            {"Retry-After": retry_after(wait)},
+        )  # fmt: skip
+    return await handler(request)
+
+
+async def _watch_tokens(app: web.Application) -> AsyncIterator[None]:
+    deps = app[DEPS]
+    if deps.tokens is None:
+        yield
+        return
+    task = asyncio.create_task(deps.tokens.watch(deps.tokens_reload_interval), name="http-tokens-watch")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def make_app(deps: HttpDeps) -> web.Application:
+    """The application: ingest routes (``/v1/...``); the body limit is ``deps.max_body_bytes``."""
+    from infra.web import ingest
+
+    app = web.Application(middlewares=[answer, authorize], client_max_size=deps.max_body_bytes)
+    app[DEPS] = deps
+    app.add_routes(ingest.routes)
+    app.cleanup_ctx.append(_watch_tokens)
+    return app

@@ -1,0 +1,134 @@
+"""Running the application: who may call (:func:`plan_auth`), the listener (:class:`HttpServer`) and
+the broker readiness check of ``/readyz`` (:func:`broker_check`)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from application.factory import CommandFactory
+from application.ports import Broker
+from infra.web.app import HttpDeps
+from infra.web.auth import RateLimiter, Tokens, TokensError
+from infra.web.metrics import HttpMetrics
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from config.settings import Settings
+
+
+class RefusedToStart(Exception):
+    """The settings would expose the front door unsafely; the message is the one line to print."""
+
+
+@dataclass(frozen=True)
+class AuthPlan:
+    tokens: Tokens | None
+    says: str  # what the process says at start-up about who may call
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def plan_auth(settings: Settings, host: str) -> AuthPlan:
+    """Tokens when a file is given; no authentication when asked for (``http_auth=none``) or on the
+    embedded default bound to loopback; otherwise refuse to start."""
+    if settings.http_tokens_file is not None:
+        try:
+            tokens = Tokens.load(settings.http_tokens_file)
+        except TokensError as exc:
+            raise RefusedToStart(f"INCIDENTD_HTTP_TOKENS_FILE: {exc}") from None
+        return AuthPlan(tokens, f"bearer/basic tokens from {settings.http_tokens_file} ({len(tokens.names)})")
+    if settings.http_auth == "none":
+        return AuthPlan(None, "NO authentication (INCIDENTD_HTTP_AUTH=none)")
+    if settings.broker == "memory" and is_loopback(host):
+        return AuthPlan(None, f"no authentication: embedded broker, bound to loopback {host}")
+    where = "a real broker" if settings.broker != "memory" else f"the non-loopback address {host}"
+    raise RefusedToStart(
+        f"refusing to serve on {where} without INCIDENTD_HTTP_TOKENS_FILE "
+        "(set it, or INCIDENTD_HTTP_AUTH=none to serve without authentication)"
+    )
+
+
+def build_deps(settings: Settings, broker: Broker, registry: CollectorRegistry, tokens: Tokens | None,
+               commands: Any) -> HttpDeps:  # fmt: skip
+    """The handlers' dependencies: the broker's publisher and the worker's factory (``commands``: the
+    handler registry the worker's dispatcher is built from)."""
+    return HttpDeps(
+        publisher=broker.publisher,
+        factory=CommandFactory(commands),
+        metrics=HttpMetrics(registry),
+        tokens=tokens,
+        limiter=RateLimiter(settings.http_rate_limit, settings.http_rate_burst),
+        max_body_bytes=settings.http_max_body_bytes,
+        read_timeout=settings.http_read_timeout,
+        publish_timeout=settings.http_publish_timeout,
+        retry_after=settings.http_retry_after,
+        tokens_reload_interval=settings.http_tokens_reload_interval,
+    )
+
+
+class HttpServer:
+    """The application on ``host:port``. :meth:`stop` stops accepting at once, then waits (at most
+    ``shutdown_timeout``) for the requests in flight, each of which waits for its broker confirm."""
+
+    def __init__(self, app: web.Application, host: str, port: int, *, shutdown_timeout: float = 25.0) -> None:
+        self.app = app
+        self._host, self._port = host, port
+        # No aiohttp access log: the ``answer`` middleware logs one line per request, without headers.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+
+    @property
+    def port(self) -> int:
+        return int(self._runner.addresses[0][1])
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self._host, self._port).start()
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+
+def broker_check(broker: Broker, settings: Settings) -> Callable[[], Any]:
+    """``/readyz``'s broker check for a process that only publishes: RabbitMQ's connection is up; the
+    Pub/Sub topic answers; the embedded broker is always there."""
+    connection = getattr(broker, "connection", None)
+    if settings.broker == "rabbitmq" and connection is not None:
+        return lambda: connection.connected.is_set() and not connection.is_closed
+    if settings.broker == "pubsub":
+        return _PubSubProbe(settings).check
+    return lambda: True
+
+
+class _PubSubProbe:
+    """Asks the emulator / Pub/Sub for the topic, with its own client (created on first use)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from infra.pubsub.topology import Topology
+
+        self._topic = Topology.from_settings(settings).topic_path
+        self._client: Any = None
+
+    def _get(self) -> bool:
+        if self._client is None:
+            from google.cloud import pubsub_v1
+
+            self._client = pubsub_v1.PublisherClient()
+        self._client.get_topic(topic=self._topic, timeout=2.0)
+        return True
+
+    async def check(self) -> bool:
+        return await asyncio.to_thread(self._get)

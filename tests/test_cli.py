@@ -314,3 +314,77 @@ def test_titles_cannot_forge_rows_or_send_escape_sequences_to_the_terminal(env, 
         assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
         assert "\\x1b]8;;http://evil\\x07click" in out
         assert not any(line.startswith("FORGED") for line in out.splitlines())
+
+
+def test_no_poison_harms_the_valid_events_after_it(env, tmp_path, payload):
+    """Each known poison (a naive time, huge nesting, wrong types, out-of-range times) for a dedup key
+    and a service/environment scope is one dead letter; the valid events fed after them for the same
+    keys and scopes all succeed (a stored naive time used to dead-letter every one of them)."""
+    firing = payload("alertmanager_firing")
+    naive_alert = json.loads(json.dumps(firing))
+    naive_alert["alerts"][0]["startsAt"] = "2026-11-23T10:00:00"
+    oec = payload("oec_acknowledge")
+    oec_ms, oec_overflow = json.loads(json.dumps(oec)), json.loads(json.dumps(oec))
+    oec_ms["alert"]["updatedAt"] = 1763892300000  # milliseconds: read by magnitude, not as 1970
+    oec_overflow["alert"]["updatedAt"] = 2.5e20
+    oec_overflow["alert"]["createdAt"] = -62135596800001
+    aws = payload("aws_health") | {"source": ["aws.health"]}
+    poisons = [
+        create("naive", at="2026-11-23T10:00:00"),
+        create("year one", at="0001-01-01T00:00:00+14:00"),
+        create("year 9999", at="9999-12-31T23:59:59-12:00"),
+        {"type": "incident.create", "data": {"title": ["wrong type"], "dedup_key": "payments-provider"}},
+        b'{"type": "incident.create", "data": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+        naive_alert, oec_overflow, aws,
+        {"type": "incident.acknowledge", "data": {"dedup_key": "payments-provider", "at": "2026-11-23"}},
+    ]  # fmt: skip
+    first = run(env, "worker", "--from", str(write_lines(tmp_path / "poison.jsonl", poisons)))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.startswith(f"messages: 0 acked, {len(poisons)} dead-lettered, 0 retried")
+
+    valid = [
+        create("Payments provider degraded", at="2026-11-23T10:00:00+01:00"),
+        create("Payments ledger lagging", dedup_key="payments-ledger"),
+        firing, payload("aws_health"), payload("oec_create"), oec_ms,
+        {"type": "incident.acknowledge", "data": {"dedup_key": "payments-provider", "actor": "bob"}},
+    ]  # fmt: skip
+    second = run(env, "worker", "--from", str(write_lines(tmp_path / "valid.jsonl", valid)))
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.startswith(f"messages: {len(valid)} acked, 0 dead-lettered")
+    incidents = {i["dedup_key"]: i for i in json.loads(run(env, "incidents", "list", "--json").stdout)}
+    assert incidents["payments-provider"]["status"] == "acknowledged"
+    assert incidents["payments-provider"]["created_at"] == "2026-11-23T09:00:00Z"
+    assert incidents["opsgenie:orders-db-replication-lag"]["status"] == "acknowledged"
+    assert incidents["opsgenie:orders-db-replication-lag"]["acknowledged_at"].startswith(
+        "2025-11-23T10:05:00"
+    )
+    assert sum(1 for i in incidents.values() if i["source"] == "alertmanager") == 2
+
+
+def test_fuzzed_lines_through_worker_from_are_each_one_outcome_and_never_crash(env, tmp_path):
+    """≈600 adversarial messages from a fixed seed (as exact-bytes envelopes with their attributes):
+    the worker exits 0, every message is acked or dead-lettered exactly once, every dead letter has a
+    reason, and nothing is retried (no validated value overflows later)."""
+    import base64
+
+    from tests import fuzz
+
+    lines: list[object] = [
+        {"data_base64": base64.b64encode(body).decode(), "attributes": attributes}
+        for body, attributes in fuzz.messages(600)
+        if all(isinstance(v, str) for v in attributes.values())
+    ]
+    lines.append(b"\xff\xfe not even UTF-8")
+    result = run(env, "worker", "--from", str(write_lines(tmp_path / "fuzz.jsonl", lines)), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    acked, dead, retried = (
+        int(n.replace(",", ""))
+        for n in re.findall(r"([\d,]+) (?:acked|dead-lettered|retried)", result.stdout.splitlines()[0])
+    )
+    assert acked + dead == len(lines) and retried == 0, result.stdout.splitlines()[0]
+    letters = json.loads(run(env, "dlq", "list", "--json").stdout)
+    assert len(letters) == dead and all(letter["reason"].strip() for letter in letters)
+    outcomes = [json.loads(x) for x in result.stderr.splitlines()]
+    settled = [e["message_id"] for e in outcomes if e["event"] in ("message.acked", "message.dead_lettered")]
+    assert len(settled) == len(lines)  # identical lines are one message id, each delivery one outcome
+    assert len(set(settled)) == len({json.dumps(x) if isinstance(x, dict) else x for x in lines})

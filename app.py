@@ -160,7 +160,7 @@ async def _feed_worker(settings: Settings, source: Path, *, strict: bool, limit:
             progress.cancel()
             await asyncio.gather(progress, return_exceptions=True)
             feeding.cancel()
-            await asyncio.gather(feeding, return_exceptions=True)
+            [failed] = await asyncio.gather(feeding, return_exceptions=True)
         finally:
             if not stdin:
                 stream.close()
@@ -169,6 +169,10 @@ async def _feed_worker(settings: Settings, source: Path, *, strict: bool, limit:
         counts = feed.counts()
         log.info("feed.finished", **counts)
         click.echo(_summary(counts, found, total_incidents))
+        if isinstance(failed, Exception):  # reading the file or publishing failed: say so, exit 1
+            log.error("feed.failed", error=f"{type(failed).__name__}: {failed}")
+            click.echo(f"stopped: {failed}; {feed.finished:,} processed, {feed.in_flight:,} not processed")
+            return 1
         if interrupted.is_set():
             click.echo(f"interrupted: {feed.finished:,} processed, {feed.in_flight:,} not processed")
             return 130

@@ -22,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -215,9 +217,38 @@ class Feed:
 
 
 async def stream_lines(stream: IO[bytes], *, batch: int) -> AsyncIterator[bytes]:
-    """The stream's lines, read in a thread ``batch`` at a time (1 for stdin, so a pipe is not held up)."""
-    while lines := await asyncio.to_thread(read_lines, stream, batch):
-        for line in lines:
+    """The stream's lines, ``batch`` at a time (1 for stdin, so that a pipe is not held up).
+
+    Read by a daemon thread a few batches ahead: a read blocked on a silent stdin never holds up the
+    process's exit after Ctrl-C, as a thread of the event loop's default executor would.
+    """
+    loop = asyncio.get_running_loop()
+    batches: asyncio.Queue[list[bytes] | BaseException] = asyncio.Queue()
+    room = threading.Semaphore(4)
+
+    def hand_over(item: list[bytes] | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is reading any more
+            loop.call_soon_threadsafe(batches.put_nowait, item)
+
+    def read() -> None:
+        try:
+            while room.acquire():
+                lines = read_lines(stream, batch)
+                hand_over(lines)
+                if not lines:
+                    return
+        except BaseException as exc:
+            hand_over(exc)
+
+    threading.Thread(target=read, name="feed-reader", daemon=True).start()
+    while True:
+        item = await batches.get()
+        if isinstance(item, BaseException):
+            raise item
+        if not item:
+            return
+        room.release()
+        for line in item:
             yield line
 
 

@@ -9,7 +9,15 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from application.commands import RECEIVED, AlertmanagerWebhook, AwsEvent, Command, OpsgenieAction
+from application.commands import (
+    FUTURE,
+    PAST,
+    RECEIVED,
+    AlertmanagerWebhook,
+    AwsEvent,
+    Command,
+    OpsgenieAction,
+)
 from application.errors import DecodeError
 from application.messages import TYPE_ATTR, Message
 
@@ -55,7 +63,7 @@ class CommandFactory:
             raise DecodeError(f"{type_name}: {type(exc).__name__}: {exc}"[:500]) from exc
 
     def _decode(self, message: Message) -> Command:
-        context = {RECEIVED: message.publish_time or datetime.now(UTC)}
+        context = {RECEIVED: _received(message)}
         type_name = message.attributes.get(TYPE_ATTR)
         if type_name:
             model = self._model(type_name)
@@ -92,6 +100,15 @@ class CommandFactory:
         if not isinstance(data, dict):
             raise DecodeError(f"body is a JSON {type(data).__name__}, not an object")
         return data
+
+
+def _received(message: Message) -> datetime:
+    """The time event times are judged against: the broker's publish time, unless the publisher set a
+    timestamp that is itself implausible (a bogus one must not make every event look wrong): then now."""
+    now, published = datetime.now(UTC), message.publish_time
+    if published is not None and published.tzinfo is not None and now - PAST <= published <= now + FUTURE:
+        return published
+    return now
 
 
 def describe(type_name: str, exc: ValidationError) -> str:

@@ -177,3 +177,13 @@ def test_any_pair_of_times_either_dead_letters_or_applies_without_error(first, s
         incident.resolve(at=at, actor="a", message_id="m")
         incident.starts_new_episode(at)
     assert incident.status == "resolved"
+
+
+def test_a_bogus_publish_time_does_not_make_valid_events_implausible():
+    """A publisher's timestamp of 0 (1970) is not the context: valid times are judged against now."""
+    at = datetime.now(UTC).isoformat()
+    body = json.dumps(create(at)).encode()
+    command = factory.decode(
+        Message(body, {"type": "incident.create"}, "m", datetime(1970, 1, 1, tzinfo=UTC))
+    )
+    assert isinstance(command, CreateIncident)

@@ -17,6 +17,7 @@ from application.factory import CommandFactory
 from application.handlers import HANDLERS
 from application.incidents import Incident, OpenGroup, correlation_group
 from application.messages import Message
+from tests.conftest import fixture_json
 
 factory = CommandFactory(HANDLERS)
 RECEIVED = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
@@ -187,3 +188,28 @@ def test_a_bogus_publish_time_does_not_make_valid_events_implausible():
         Message(body, {"type": "incident.create"}, "m", datetime(1970, 1, 1, tzinfo=UTC))
     )
     assert isinstance(command, CreateIncident)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    updated=st.one_of(
+        st.integers(min_value=-(10**30), max_value=10**30),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.sampled_from([1763892300, 1763892300000, 1763892300000000, 1763892300000000000]),
+    )
+)
+def test_any_oec_epoch_value_is_a_plausible_instant_or_a_decode_error(updated):
+    """Whatever number `updatedAt` holds, decoding gives nanoseconds within the plausible window or a
+    DecodeError naming `alert.updatedAt`; never an exception or a 1970 event."""
+    body = fixture_json("oec_acknowledge")
+    body["alert"]["updatedAt"] = updated
+    message = Message(json.dumps(body).encode(), {"type": "opsgenie.action"}, "m", RECEIVED)
+    try:
+        command = factory.decode(message)
+    except DecodeError as exc:
+        assert "alert.updatedAt" in str(exc)
+        return
+    ns = command.alert.updated_at
+    if ns is not None:
+        at = datetime.fromtimestamp(ns / 10**9, UTC)
+        assert RECEIVED - timedelta(days=3651) <= at <= RECEIVED + timedelta(days=2)

@@ -146,7 +146,7 @@ class Feed:
     of the dispatcher's observers)."""
 
     broker: MemoryBroker
-    window: int = 1000  # messages queued or running at once
+    window: int = 1000  # messages read but not finished (queued, running or waiting for redelivery)
     read: int = 0  # messages read (blank lines skipped)
     acked: int = 0
     dead_lettered: int = 0
@@ -167,7 +167,8 @@ class Feed:
         else:
             self.dead_lettered += 1
         self.finished += 1
-        self._changed.set()
+        if self.in_flight <= self.window // 2:
+            self._changed.set()
 
     async def run(self, lines: AsyncIterator[bytes], stop: asyncio.Event) -> None:
         """Publish every line (waiting while ``window`` messages are unfinished) until the lines end or
@@ -178,8 +179,9 @@ class Feed:
             parsed = parse(raw)
             if parsed is None:
                 continue
-            while self.in_flight >= self.window and not stop.is_set():
-                await self._wait_change(stop)
+            if self.in_flight >= self.window:  # full: refill once half of the window has finished
+                while self.in_flight > self.window // 2 and not stop.is_set():
+                    await self._wait_change(stop)
             if stop.is_set():
                 return
             self.read += 1

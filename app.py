@@ -9,21 +9,23 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+import structlog
 
 from application.dispatcher import Dispatcher
 from application.errors import BrokerOperationError
 from application.factory import CommandFactory
 from application.handlers import HANDLERS
 from application.incidents import Incident
-from application.messages import TYPE_ATTR, Message, Outcome
+from application.messages import TYPE_ATTR
 from application.ports import Broker, DeadLetterQueue
 from application.worker import run_worker
+from common.text import printable
 from config.container import Container
 from config.settings import Settings, SettingsError, load
 
@@ -72,21 +74,36 @@ async def _container(settings: Settings) -> AsyncIterator[Container]:
 @click.option(
     "--from",
     "from_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Feed this JSON-lines file into the embedded broker, process it, print a summary, exit.",
+    type=click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=Path),
+    help="Feed this JSON-lines file (- for stdin) into the embedded broker, process it, print a summary, "
+    "exit. Uses the embedded broker whatever INCIDENTD_BROKER says.",
+)
+@click.option("--strict", is_flag=True, help="With --from: exit 1 if any message was dead-lettered.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="With --from: incidents listed in the summary.",
 )
 @click.pass_context
-def worker(ctx: click.Context, from_file: Path | None) -> None:
+def worker(ctx: click.Context, from_file: Path | None, strict: bool, limit: int) -> None:
     """Consume messages until SIGTERM / SIGINT, then drain and exit 0."""
-    settings = _settings(ctx, broker="memory") if from_file else _settings(ctx)
-    asyncio.run(_worker(settings, from_file))
+    if from_file is None:
+        asyncio.run(_worker(_settings(ctx), None))
+        return
+    settings = _settings(ctx)
+    # The file is fed into this process's own queue: pinned to the embedded broker, so that a pod's
+    # INCIDENTD_BROKER=rabbitmq does not publish the file into the real queue. The store stays as set.
+    configured = settings.broker
+    settings = settings.model_copy(update={"broker": "memory"})
+    status = asyncio.run(_feed_worker(settings, from_file, strict=strict, limit=limit, configured=configured))
+    sys.exit(status)
 
 
 async def _worker(settings: Settings, from_file: Path | None) -> None:
     async with _container(settings) as container:
         broker: Broker = await container.broker()
-        counts: collections.Counter[str] = collections.Counter()
-        container.observers.add_args(_counter(counts))
         # A Future, not the object: the dispatcher's dependencies are async Resources.
         dispatcher: Dispatcher = await container.dispatcher()  # type: ignore[misc]
         stop = asyncio.Event()
@@ -94,13 +111,7 @@ async def _worker(settings: Settings, from_file: Path | None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await broker.setup()
-        if from_file is not None:
-            lines = (await asyncio.to_thread(from_file.read_bytes)).splitlines()
-            for body, attributes in _read_jsonl(lines):
-                await broker.publisher.publish(body, attributes)
-            waiter = asyncio.create_task(broker.wait_idle())  # type: ignore[attr-defined]
-            waiter.add_done_callback(lambda _: stop.set())
-        ops = await _start_ops(settings, container, broker, dispatcher) if from_file is None else None
+        ops = await _start_ops(settings, container, broker, dispatcher)
         report = await run_worker(
             broker.subscriber,
             dispatcher,
@@ -111,9 +122,67 @@ async def _worker(settings: Settings, from_file: Path | None) -> None:
         if ops is not None:
             container.metrics().drained(report.seconds)
             await ops.stop()
-        if from_file is not None:
-            store = await container.store()
-            click.echo(_summary(counts, await store.list()))
+
+
+async def _feed_worker(settings: Settings, source: Path, *, strict: bool, limit: int, configured: str) -> int:
+    """``worker --from``: feed, drain, print the summary; the exit status (130 when interrupted)."""
+    from infra.memory.feed import Feed, report_progress, stream_lines
+
+    async with _container(settings) as container:
+        log = structlog.get_logger("incidentd.feed")
+        if configured != "memory":
+            log.info("feed.broker_pinned", configured=configured, used="memory")
+        broker = await container.broker()
+        feed = Feed(broker, window=max(8 * settings.concurrency, 1000))
+        container.observers.add_args(feed.observe)
+        dispatcher: Dispatcher = await container.dispatcher()  # type: ignore[misc]
+        stop, interrupted = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def interrupt() -> None:
+            interrupted.set()
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, interrupt)
+        await broker.setup()
+        stdin = str(source) == "-"
+        stream = sys.stdin.buffer if stdin else await asyncio.to_thread(source.open, "rb")
+        try:
+            feeding = asyncio.create_task(feed.run(stream_lines(stream, batch=1 if stdin else 500), stop))
+            feeding.add_done_callback(lambda _: stop.set())
+            size = None if stdin else (await asyncio.to_thread(source.stat)).st_size
+            progress = asyncio.create_task(
+                report_progress(feed, sys.stderr.isatty(), size, _position(stream, stdin))
+            )
+            await run_worker(
+                broker.subscriber, dispatcher, stop=stop, shutdown_timeout=settings.shutdown_timeout
+            )
+            progress.cancel()
+            await asyncio.gather(progress, return_exceptions=True)
+            feeding.cancel()
+            [failed] = await asyncio.gather(feeding, return_exceptions=True)
+        finally:
+            if not stdin:
+                stream.close()
+        store = await container.store()
+        found, total_incidents = await store.list(limit=limit), await store.count()
+        counts = feed.counts()
+        log.info("feed.finished", **counts)
+        click.echo(_summary(counts, found, total_incidents))
+        if isinstance(failed, Exception):  # reading the file or publishing failed: say so, exit 1
+            log.error("feed.failed", error=f"{type(failed).__name__}: {failed}")
+            click.echo(f"stopped: {failed}; {feed.finished:,} processed, {feed.in_flight:,} not processed")
+            return 1
+        if interrupted.is_set():
+            click.echo(f"interrupted: {feed.finished:,} processed, {feed.in_flight:,} not processed")
+            return 130
+        return 1 if strict and feed.dead_lettered else 0
+
+
+def _position(stream: Any, stdin: bool) -> Callable[[], int]:
+    """How far into the file the reader is (for the progress bar); 0 for stdin."""
+    return (lambda: 0) if stdin else stream.tell
 
 
 async def _start_ops(
@@ -141,41 +210,17 @@ async def _start_ops(
     return server
 
 
-def _counter(counts: collections.Counter[str]) -> Any:
-    def observe(message: Message, command_type: str, outcome: Outcome, duration: float) -> None:
-        counts[outcome.disposition.value] += 1
-
-    return observe
-
-
-def _read_jsonl(lines: Iterable[bytes]) -> Iterable[tuple[bytes, dict[str, str]]]:
-    """Each line is ``{"type", "attributes", "data"}`` or a raw payload; a line that is not JSON is
-    published as it is, so that it is dead-lettered with the reason rather than lost."""
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            yield line, {}
-            continue
-        if isinstance(doc, dict) and "data" in doc and doc.keys() <= {"type", "attributes", "data"}:
-            attributes = {str(k): str(v) for k, v in (doc.get("attributes") or {}).items()}
-            if doc.get("type"):
-                attributes[TYPE_ATTR] = str(doc["type"])
-            yield json.dumps(doc["data"]).encode(), attributes
-        else:
-            yield line, {}
-
-
-def _summary(counts: collections.Counter[str], incidents: list[Incident]) -> str:
+def _summary(counts: dict[str, int], incidents: list[Incident], total: int) -> str:
     by_status = collections.Counter(i.status for i in incidents)
     lines = [
-        f"messages: {counts['ack']} acked, {counts['dead_letter']} dead-lettered, {counts['retry']} retried",
-        "incidents: " + ", ".join(f"{n} {s}" for s, n in sorted(by_status.items()))
+        f"messages: {counts['acked']:,} acked, {counts['dead_lettered']:,} dead-lettered, "
+        f"{counts['retried']:,} retried",
+        "incidents: " + ", ".join(f"{n:,} {s}" for s, n in sorted(by_status.items()))
         if incidents
         else "incidents: none",
     ]
+    if total > len(incidents):
+        lines.append(f"showing the newest {len(incidents):,} of {total:,} incidents (--limit)")
     return "\n".join([*lines, *_table(incidents)])
 
 
@@ -183,7 +228,8 @@ def _table(incidents: list[Incident]) -> list[str]:
     rows = [f"{'ID':36}  {'STATUS':12}  {'SEVERITY':8}  {'SERVICE':16}  {'N':>3}  TITLE"]
     for i in incidents:
         rows.append(
-            f"{i.id!s:36}  {i.status:12}  {i.severity:8}  {i.service[:16]:16}  {i.occurrences:>3}  {i.title}"
+            f"{i.id!s:36}  {i.status:12}  {i.severity:8}  {printable(i.service)[:16]:16}  "
+            f"{i.occurrences:>3}  {printable(i.title)}"
         )
     return rows
 
@@ -349,13 +395,19 @@ def incidents() -> None:
 @incidents.command("list")
 @click.option("--status", type=click.Choice(["open", "acknowledged", "resolved"]))
 @click.option("--service")
+@click.option("--limit", type=click.IntRange(min=0), default=1000, show_default=True, help="The newest N.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array, incidents with their timelines.")
 @click.pass_context
-def incidents_list(ctx: click.Context, status: str | None, service: str | None, as_json: bool) -> None:
+def incidents_list(
+    ctx: click.Context, status: str | None, service: str | None, limit: int, as_json: bool
+) -> None:
     """List incidents by correlation group (the group of the newest incident first), newest first."""
-    found = asyncio.run(_incidents(_settings(ctx), status, service))
+    found, total = asyncio.run(_incidents(_settings(ctx), status, service, limit))
     if as_json:
         click.echo(json.dumps([i.model_dump(mode="json") for i in found], indent=2))
+        if total > len(found):
+            shown = f"showing the newest {len(found):,} of {total:,} incidents (--limit)"
+            click.echo(f"incidentd: {shown}", err=True)
         return
     groups: dict[str, list[Incident]] = {}
     for incident in found:
@@ -363,14 +415,19 @@ def incidents_list(ctx: click.Context, status: str | None, service: str | None, 
     for group, members in groups.items():
         first = members[0]
         scope = "/".join(x for x in (first.service, first.environment) if x) or "-"
-        click.echo(f"group {group[:8]}  {scope}  {len(members)} incident(s)")
+        click.echo(f"group {printable(group[:8])}  {printable(scope)}  {len(members)} incident(s)")
         click.echo("\n".join("  " + row for row in _table(members)))
+    if total > len(found):
+        click.echo(f"showing the newest {len(found):,} of {total:,} incidents (--limit)")
 
 
-async def _incidents(settings: Settings, status: str | None, service: str | None) -> list[Incident]:
+async def _incidents(
+    settings: Settings, status: str | None, service: str | None, limit: int
+) -> tuple[list[Incident], int]:
     async with _container(settings) as container:
         store = await container.store()
-        return await store.list(status=status, service=service)  # type: ignore[no-any-return]
+        found = await store.list(status=status, service=service, limit=limit)
+        return found, await store.count(status=status, service=service or None)
 
 
 @incidents.command("show")
@@ -390,11 +447,12 @@ def incidents_show(ctx: click.Context, incident_id: Any, as_json: bool) -> None:
                  "acknowledged_at", "resolved_at", "predecessor"):  # fmt: skip
         value = getattr(incident, name)
         if value not in (None, ""):
-            click.echo(f"{name:18} {value}")
+            click.echo(f"{name:18} {printable(value)}")
     click.echo("timeline:")
     for entry in sorted(incident.timeline, key=lambda e: e.at):
-        note = f"  {entry.note}" if entry.note else ""
-        click.echo(f"  {entry.at.isoformat()}  {entry.kind:14} {entry.status:12} {entry.actor}{note}")
+        note = f"  {printable(entry.note)}" if entry.note else ""
+        kind, actor = printable(entry.kind), printable(entry.actor)
+        click.echo(f"  {entry.at.isoformat()}  {kind:14} {entry.status:12} {actor}{note}")
     _show_analysis(incident)
 
 
@@ -446,18 +504,18 @@ def _show_analysis(incident: Incident) -> None:
     answer = record.answer
     assert answer is not None
     click.echo(
-        f"analysis ({record.at.isoformat()}, {record.model}, {record.outcome}; a suggestion, not an action):"
+        f"analysis ({record.at.isoformat()}, {printable(record.model)}, {record.outcome}; a suggestion, not an action):"
     )
-    click.echo(f"  {answer.summary}")
+    click.echo(f"  {printable(answer.summary)}")
     for cause in answer.probable_causes:
-        click.echo(f"  cause ({cause.confidence:.0%}): {cause.cause}")
+        click.echo(f"  cause ({cause.confidence:.0%}): {printable(cause.cause)}")
         for evidence in cause.evidence:
-            click.echo(f"    evidence: {evidence}")
+            click.echo(f"    evidence: {printable(evidence)}")
     for step in answer.next_steps:
-        cites = f"  [{', '.join(step.cites)}]" if step.cites else ""
-        click.echo(f"  next: {step.step}{cites}")
+        cites = f"  [{printable(', '.join(step.cites))}]" if step.cites else ""
+        click.echo(f"  next: {printable(step.step)}{cites}")
     if answer.related_incidents:
-        click.echo(f"  related: {', '.join(answer.related_incidents)}")
+        click.echo(f"  related: {printable(', '.join(answer.related_incidents))}")
 
 
 @cli.group()
@@ -476,7 +534,7 @@ def dlq_list(ctx: click.Context, limit: int | None, as_json: bool) -> None:
         click.echo(json.dumps([_letter_json(x) for x in letters], indent=2))
         return
     for x in letters:
-        click.echo(f"{x.message_id}  attempts={x.attempts}  {x.reason}")
+        click.echo(f"{printable(x.message_id)}  attempts={x.attempts}  {printable(x.reason)}")
 
 
 @dlq.command("show")
@@ -508,7 +566,7 @@ def dlq_replay(ctx: click.Context, limit: int | None, dry_run: bool) -> None:
     verb = "would replay" if dry_run else "replayed"
     click.echo(f"{verb} {len(report.replayed)}; left {len(report.invalid)} that would fail again")
     for message_id, why in report.invalid.items():
-        click.echo(f"  {message_id}: {why}")
+        click.echo(f"  {printable(message_id)}: {printable(why)}")
 
 
 @dlq.command("purge")

@@ -7,11 +7,108 @@ exactly as the source sent it.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, ClassVar, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    model_validator,
+)
+
+# --- event times ---------------------------------------------------------------------------------------
+# Every time a command carries is timezone-aware, in UTC, and plausible for the message that carries it:
+# no earlier than PAST before the message was published (or received), no later than FUTURE after it.
+# Anything else is a validation error, so the message is dead-lettered on its first delivery, with the
+# field named, instead of being applied at a wrong time or overflowing later (README "Event times").
+PAST = timedelta(days=3650)
+FUTURE = timedelta(days=1)
+RECEIVED = "received"  # validation-context key: the message's publish time (see CommandFactory)
+
+
+def _received(info: ValidationInfo) -> datetime:
+    context = info.context if isinstance(info.context, dict) else {}
+    received = context.get(RECEIVED)
+    return received if isinstance(received, datetime) and received.tzinfo else datetime.now(UTC)
+
+
+def _utc(value: datetime) -> datetime:
+    """The same instant in UTC; a time without an offset is refused, not guessed."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("time has no timezone offset; add Z or +HH:MM (incidentd does not guess a zone)")
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"time {value.isoformat()} is out of range") from None
+
+
+def plausible(value: datetime, info: ValidationInfo) -> datetime:
+    """``value`` in UTC, if it lies within PAST before / FUTURE after the message's publish time."""
+    value, received = _utc(value), _received(info)
+    if not received - PAST <= value <= received + FUTURE:
+        raise ValueError(
+            f"time {value.isoformat()} is implausible: more than {PAST.days} days before or "
+            f"{FUTURE.days} day after the message ({received.isoformat(timespec='seconds')})"
+        )
+    return value
+
+
+def _end_time(value: datetime | None, info: ValidationInfo) -> datetime | None:
+    """Alertmanager's ``endsAt``: ``0001-01-01T00:00:00Z`` means "no end yet" (None); a firing alert's
+    projected end may lie ahead, so only a resolved alert's end is held to :func:`plausible`."""
+    if value is None:
+        return None
+    if value.tzinfo is not None and value.year == 1:
+        return None
+    return _utc(value)
+
+
+def _iso_time(value: str, info: ValidationInfo) -> str:
+    """An ISO 8601 text time (ASFF ``CreatedAt`` / ``UpdatedAt``): "" or plausible, normalised to UTC."""
+    if not value:
+        return value
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not an ISO 8601 time: {value[:40]!r}") from None
+    return plausible(parsed, info).isoformat()
+
+
+# Epoch values by magnitude: a relay may turn OEC's milliseconds / nanoseconds into any of these units.
+_UNITS = ((10**11, 1), (10**14, 10**3), (10**17, 10**6), (10**20, 10**9))  # (below, per second)
+
+
+def _epoch(unit: int) -> Any:
+    """Validator of an epoch number: seconds, ms, µs or ns read by magnitude, returned in ``unit``
+    per second (OEC: ``createdAt`` ms, ``updatedAt`` ns); 0 means "not given"."""
+
+    def validate(value: Any, info: ValidationInfo) -> int | None:
+        if value is None or value == 0:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("must be an epoch number")
+        if not 0 < value < _UNITS[-1][0]:
+            text = str(value)
+            shown = text if len(text) <= 24 else f"{text[:20]}... ({len(text)} digits)"
+            raise ValueError(f"epoch value {shown} is out of range")
+        per_second = next(per for below, per in _UNITS if value < below)
+        seconds = float(value) / per_second
+        plausible(datetime.fromtimestamp(seconds, UTC), info)
+        return round(seconds * unit)
+
+    return validate
+
+
+EventTime = Annotated[datetime, AfterValidator(plausible)]
+EndTime = Annotated[datetime | None, AfterValidator(_end_time)]
+IsoTime = Annotated[str, AfterValidator(_iso_time)]
+EpochMs = Annotated[int | None, BeforeValidator(_epoch(10**3))]
+EpochNs = Annotated[int | None, BeforeValidator(_epoch(10**9))]
 
 
 class Command(BaseModel):
@@ -36,11 +133,20 @@ class Alert(_Payload):
     status: AlertStatus
     labels: dict[str, str]
     annotations: dict[str, str] = Field(default_factory=dict)
-    starts_at: datetime = Field(alias="startsAt")
-    # Alertmanager sends 0001-01-01T00:00:00Z while an alert fires.
-    ends_at: datetime | None = Field(default=None, alias="endsAt")
+    starts_at: EventTime = Field(alias="startsAt")
+    # Alertmanager sends 0001-01-01T00:00:00Z while an alert fires (read as None).
+    ends_at: EndTime = Field(default=None, alias="endsAt")
     generator_url: str = Field(default="", alias="generatorURL")
     fingerprint: str
+
+    @model_validator(mode="after")
+    def _resolved_end_is_plausible(self, info: ValidationInfo) -> Alert:
+        if self.status == "resolved" and self.ends_at is not None:
+            try:
+                plausible(self.ends_at, info)
+            except ValueError as exc:
+                raise ValueError(f"endsAt: {exc}") from None
+        return self
 
 
 class AlertmanagerWebhook(Command):
@@ -77,8 +183,8 @@ class OpsgenieAlert(_Payload):
     username: str = ""
     note: str = ""
     owner: str = ""
-    created_at: int | None = Field(default=None, alias="createdAt")  # epoch milliseconds
-    updated_at: int | None = Field(default=None, alias="updatedAt")  # epoch nanoseconds (sic)
+    created_at: EpochMs = Field(default=None, alias="createdAt")  # epoch milliseconds
+    updated_at: EpochNs = Field(default=None, alias="updatedAt")  # epoch nanoseconds (sic)
 
 
 class OpsgenieAction(Command):
@@ -124,8 +230,8 @@ class Finding(_Payload):
     title: str = Field(alias="Title")
     description: str = Field(default="", alias="Description")
     aws_account_id: str = Field(default="", alias="AwsAccountId")
-    created_at: str = Field(default="", alias="CreatedAt")
-    updated_at: str = Field(default="", alias="UpdatedAt")
+    created_at: IsoTime = Field(default="", alias="CreatedAt")
+    updated_at: IsoTime = Field(default="", alias="UpdatedAt")
     severity: FindingSeverity = Field(alias="Severity")
     workflow: FindingWorkflow | None = Field(default=None, alias="Workflow")
     record_state: str = Field(default="ACTIVE", alias="RecordState")
@@ -153,7 +259,7 @@ class AwsEvent(Command):
     detail_type: str = Field(alias="detail-type")
     source: Literal["aws.health", "aws.securityhub"]
     account: str = ""
-    time: datetime
+    time: EventTime
     region: str = ""
     resources: list[str] = Field(default_factory=list)
     detail: HealthDetail | SecurityHubDetail
@@ -162,7 +268,8 @@ class AwsEvent(Command):
     @classmethod
     def _detail_by_source(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("detail"), dict):
-            expected = _DETAIL_TYPES.get(data.get("source", ""))
+            source = data.get("source")
+            expected = _DETAIL_TYPES.get(source) if isinstance(source, str) else None
             if expected is not None:
                 detail_type, model = expected
                 if data.get("detail-type", data.get("detail_type")) != detail_type:
@@ -191,7 +298,7 @@ class CreateIncident(Command):
     description: str = ""
     runbook_url: str = ""
     actor: str = "manual"
-    at: datetime = Field(default_factory=_now)
+    at: EventTime = Field(default_factory=_now)
 
 
 class IncidentRef(Command):
@@ -200,7 +307,7 @@ class IncidentRef(Command):
     incident_id: UUID | None = None
     dedup_key: str = ""
     actor: str = "manual"
-    at: datetime = Field(default_factory=_now)
+    at: EventTime = Field(default_factory=_now)
 
     @model_validator(mode="after")
     def _needs_a_reference(self) -> IncidentRef:

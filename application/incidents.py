@@ -27,11 +27,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any, Literal
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
 from uuid import UUID, uuid4
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Status = Literal["open", "acknowledged", "resolved"]
 Source = Literal["alertmanager", "opsgenie", "aws.health", "aws.securityhub", "manual"]
@@ -43,10 +43,22 @@ _STATUS_KINDS = {"opened": 0, "occurrence": 0, "acknowledged": 1, "unacknowledge
 _FIRING = ("opened", "occurrence")
 
 
+def utc(value: datetime) -> datetime:
+    """The entity keeps every time in UTC, so times always compare (and the stores' text columns sort).
+
+    Commands carry aware UTC times only (application/commands.py refuses naive ones); a naive time here
+    can only come from a document stored before that rule, and is read as the UTC it was meant as.
+    """
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+UtcTime = Annotated[datetime, AfterValidator(utc)]
+
+
 class TimelineEntry(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    at: datetime
+    at: UtcTime
     # opened | occurrence | acknowledged | unacknowledged | resolved (these replay into the status)
     # assigned | note | action (recorded only)
     # enriched | action by "incidentd" (facts: what incidentd found out or did; see record_fact)
@@ -73,12 +85,12 @@ class Incident(BaseModel):
     correlation_group: str = ""
     runbook_url: str = ""
     occurrences: int = 1
-    created_at: datetime
-    acknowledged_at: datetime | None = None
-    resolved_at: datetime | None = None
-    last_event_at: datetime
+    created_at: UtcTime
+    acknowledged_at: UtcTime | None = None
+    resolved_at: UtcTime | None = None
+    last_event_at: UtcTime
     # Set on a successor: the resolution time of the incident it follows (see the module docstring).
-    follows: datetime | None = None
+    follows: UtcTime | None = None
     predecessor: UUID | None = None
     links: dict[str, str] = Field(default_factory=dict)  # e.g. {"github_issue": "42"}
     # What adapters found out about the incident, by source, e.g. {"kubernetes": {"ready_replicas": 2, ...,
@@ -101,7 +113,8 @@ class Incident(BaseModel):
         Kept, not skipped: the firing may still be in flight, and this record is what stops it from
         opening an incident that is already over.
         """
-        start = min(started, at) if started else at
+        at = utc(at)
+        start = min(utc(started), at) if started else at
         incident = cls.open(at=start, actor=actor, message_id=message_id, **fields)
         incident.resolve(at=at, actor=actor, message_id=message_id)
         return incident
@@ -129,7 +142,7 @@ class Incident(BaseModel):
 
     def starts_new_episode(self, at: datetime) -> bool:
         """True when a firing at ``at`` must open a successor rather than count on this incident."""
-        return self.status == "resolved" and self.resolved_at is not None and at > self.resolved_at
+        return self.status == "resolved" and self.resolved_at is not None and utc(at) > self.resolved_at
 
     def record_occurrence(self, *, at: datetime, actor: str, message_id: str, note: str = "") -> None:
         """The same problem fired again (dedup): count it; it reopens only a resolution older than it."""
@@ -179,6 +192,7 @@ class Incident(BaseModel):
             )
 
     def _record(self, at: datetime, kind: str, actor: str, message_id: str, note: str = "") -> None:
+        at = utc(at)
         self.last_event_at = max(self.last_event_at, at)
         entry = TimelineEntry(
             at=at, kind=kind, actor=actor, note=note, status=self.status, message_id=message_id
@@ -245,15 +259,19 @@ def correlation_group(incident: Incident, groups: Iterable[OpenGroup], window: t
     """
     if not incident.service:
         return str(incident.id)
-    start = incident.created_at
+    start = utc(incident.created_at)
+    try:
+        earliest, latest = start - window, start + window
+    except OverflowError:  # commands keep times within years of now; a window of centuries is no window
+        earliest, latest = datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
     related = [
         group for group in groups
         if (group.service, group.environment) == (incident.service, incident.environment)
-        and group.last_event_at >= start - window and group.first_opened <= start + window
+        and utc(group.last_event_at) >= earliest and utc(group.first_opened) <= latest
     ]  # fmt: skip
     if not related:
         return str(incident.id)
-    return min(related, key=lambda group: group.first_opened).name
+    return min(related, key=lambda group: utc(group.first_opened)).name
 
 
 class IncidentPolicy(BaseModel):

@@ -80,6 +80,10 @@ class IncidentStore(Protocol):
         self, *, status: Status | None = None, service: str | None = None, limit: int = 1000
     ) -> list[Incident]: ...
 
+    async def count(self, *, status: Status | None = None, service: str | None = None) -> int:
+        """How many incidents :meth:`list` would return without its limit."""
+        ...
+
     async def count_active(self) -> dict[tuple[str, str], int]:
         """Unresolved incidents per (severity, service), for the active-incidents gauge."""
         ...

@@ -229,6 +229,13 @@ class PostgresStore:
         rows = await self._pool.fetch(sql, status, service, limit)
         return [Incident.model_validate_json(r[0]) for r in rows]
 
+    async def count(self, *, status: Status | None = None, service: str | None = None) -> int:
+        sql = (
+            "SELECT count(*) FROM incidents WHERE ($1::text IS NULL OR status = $1) "
+            "AND ($2::text IS NULL OR service = $2)"
+        )
+        return int(await self._pool.fetchval(sql, status, service))
+
     async def count_active(self) -> dict[tuple[str, str], int]:
         sql = "SELECT severity, service, count(*) FROM incidents WHERE status <> 'resolved' GROUP BY 1, 2"
         return {(r[0], r[1]): r[2] for r in await self._pool.fetch(sql)}

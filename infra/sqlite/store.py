@@ -224,6 +224,12 @@ class SqliteStore:
             rows = await cursor.fetchall()
         return [Incident.model_validate_json(r[0]) for r in rows]
 
+    async def count(self, *, status: Status | None = None, service: str | None = None) -> int:
+        sql = "SELECT count(*) FROM incidents WHERE (? IS NULL OR status = ?) AND (? IS NULL OR service = ?)"
+        async with self._db.execute(sql, (status, status, service, service)) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
     async def count_active(self) -> dict[tuple[str, str], int]:
         sql = "SELECT severity, service, count(*) FROM incidents WHERE status != 'resolved' GROUP BY 1, 2"
         async with self._db.execute(sql) as cursor:

@@ -100,6 +100,8 @@ async def _worker(settings: Settings, from_file: Path | None) -> None:
             waiter = asyncio.create_task(broker.wait_idle())  # type: ignore[attr-defined]
             waiter.add_done_callback(lambda _: stop.set())
         ops = await _start_ops(settings, container, broker, dispatcher) if from_file is None else None
+        if from_file is None:  # retention and archival every maintenance_interval (docs/operations.md)
+            await container.maintenance_loop()  # type: ignore[misc]
         report = await run_worker(
             broker.subscriber,
             dispatcher,
@@ -402,6 +404,25 @@ def _letter_json(letter: Any) -> dict[str, Any]:
         "first_seen": letter.first_seen.isoformat() if letter.first_seen else None,
         "dead_lettered_at": letter.dead_lettered_at.isoformat() if letter.dead_lettered_at else None,
     }
+
+
+# --- maintenance ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.pass_context
+def maintenance(ctx: click.Context) -> None:
+    """Prune old idempotency keys and (if enabled) archive old resolved incidents to S3, once.
+
+    Safe to run at any time and to repeat; while another process runs it, this one does nothing.
+    """
+    click.echo(asyncio.run(_maintenance(_settings(ctx))))
+
+
+async def _maintenance(settings: Settings) -> str:
+    async with _container(settings) as container:
+        runner = await container.maintenance()  # type: ignore[misc]
+        return (await runner.run()).summary()  # type: ignore[no-any-return]
 
 
 @cli.command()

@@ -1,0 +1,161 @@
+"""Retention of processed_messages (infra/maintenance.py) on SQLite and on the real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from app import cli
+from config.container import Container
+from config.settings import load
+from infra.maintenance import Maintenance
+from infra.sqlite.store import SqliteStore
+from tests.contract.broker_contract import eventually
+from tests.incidents.conftest import PG_DSN, drop_schema, postgres_available
+
+NOW = datetime.now(UTC)
+RETENTION = timedelta(days=45)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    if request.param == "sqlite":
+        sqlite = await SqliteStore.open(tmp_path / "incidentd.db")
+        yield sqlite
+        await sqlite.close()
+        return
+    postgres_available()
+    from infra.postgres.store import PostgresStore
+
+    schema = f"maintenance_test_{uuid.uuid4().hex[:12]}"
+    postgres = await PostgresStore.open(PG_DSN, schema=schema, min_size=1, max_size=4)
+    yield postgres
+    await postgres.close()
+    await drop_schema(schema)
+
+
+async def seed(store: Any, keys: list[str], at: datetime) -> None:
+    """Record idempotency keys as processed at ``at`` (the stores stamp the current time themselves)."""
+    if isinstance(store, SqliteStore):
+        await store._db.executemany(
+            "INSERT INTO processed_messages (key, processed_at) VALUES (?, ?)",
+            [(k, at.astimezone(UTC).isoformat()) for k in keys],
+        )
+    else:
+        await store._pool.executemany(
+            "INSERT INTO processed_messages (key, processed_at) VALUES ($1, $2)", [(k, at) for k in keys]
+        )
+
+
+async def processed(store: Any, key: str) -> bool:
+    """Whether ``key`` counts as processed: a transaction under it would change nothing."""
+    async with store.transaction(key) as tx:
+        return bool(tx.already_processed)
+
+
+async def count(store: Any) -> int:
+    if isinstance(store, SqliteStore):
+        async with store._db.execute("SELECT count(*) FROM processed_messages") as cursor:
+            row = await cursor.fetchone()
+            return int(row[0]) if row else 0
+    return int(await store._pool.fetchval("SELECT count(*) FROM processed_messages"))
+
+
+async def test_keys_older_than_the_retention_are_pruned_and_newer_ones_kept(store: Any) -> None:
+    """After a run, a redelivery of a message handled 50 days ago would be handled again (its key is
+    gone), while one handled 40 days ago or just now is still recognised as a duplicate. The old keys go
+    in several batches (batch size 7 for 25 keys), all of them."""
+    old = [f"old-{i}" for i in range(25)]
+    await seed(store, old, NOW - timedelta(days=50))
+    await seed(store, ["recent"], NOW - timedelta(days=40))
+    async with store.transaction("handled-now"):
+        pass
+
+    report = await Maintenance(store, processed_retention=RETENTION, batch_size=7).run()
+
+    assert (report.pruned, report.locked_out) == (25, False)
+    assert await count(store) == 2
+    assert await processed(store, "recent") and await processed(store, "handled-now")
+    assert not await processed(store, "old-3")
+
+
+async def test_without_retention_nothing_is_pruned(store: Any) -> None:
+    """processed_messages_retention_days=0 keeps every key for ever."""
+    await seed(store, ["ancient"], NOW - timedelta(days=3650))
+    report = await Maintenance(store, processed_retention=None, batch_size=10).run()
+    assert report.pruned == 0 and await processed(store, "ancient")
+
+
+async def test_only_one_process_prunes_a_postgres_schema_at_a_time(tmp_path: Path) -> None:
+    """Two worker pods on one schema: while one holds the maintenance lock, the other's run does nothing
+    and says so; once it is released, the other prunes. Another schema is not affected by the lock."""
+    postgres_available()
+    from infra.postgres.store import PostgresStore
+
+    schema, other_schema = (f"maintenance_test_{uuid.uuid4().hex[:12]}" for _ in range(2))
+    first, second, other = [
+        await PostgresStore.open(PG_DSN, schema=s, min_size=1, max_size=2)
+        for s in (schema, schema, other_schema)
+    ]
+    try:
+        await seed(first, ["old"], NOW - timedelta(days=50))
+        await seed(other, ["old"], NOW - timedelta(days=50))
+        async with first.maintenance_lock() as held:
+            assert held
+            blocked = await Maintenance(second, processed_retention=RETENTION, batch_size=10).run()
+            elsewhere = await Maintenance(other, processed_retention=RETENTION, batch_size=10).run()
+        assert blocked.locked_out and blocked.pruned == 0
+        assert "another process" in blocked.summary()
+        assert (elsewhere.locked_out, elsewhere.pruned) == (False, 1)
+        after = await Maintenance(second, processed_retention=RETENTION, batch_size=10).run()
+        assert (after.locked_out, after.pruned) == (False, 1)
+    finally:
+        for store in (first, second, other):
+            await store.close()
+        for s in (schema, other_schema):
+            await drop_schema(s)
+
+
+async def test_the_worker_prunes_every_maintenance_interval(tmp_path: Path) -> None:
+    """A worker with maintenance_interval set prunes on its own: an old key disappears without any
+    command being run, a recent one stays."""
+    settings = load(sqlite_path=tmp_path / "incidentd.db", maintenance_interval=0.2)
+    container = Container(settings=settings)
+    try:
+        store = await container.store()
+        await seed(store, ["old"], NOW - timedelta(days=50))
+        await seed(store, ["recent"], NOW)
+        await container.maintenance_loop()  # type: ignore[misc]
+
+        async def only_the_recent_key_left() -> bool:
+            return await count(store) == 1
+
+        await eventually(only_the_recent_key_left, timeout=30)
+        assert await processed(store, "recent")
+    finally:
+        await container.shutdown_resources()  # type: ignore[misc]
+
+
+def test_the_maintenance_command_prunes_and_reports(tmp_path: Path) -> None:
+    """`python app.py maintenance` prunes once and prints what it did; retention comes from the settings."""
+    db = tmp_path / "incidentd.db"
+
+    async def prepare() -> None:
+        store = await SqliteStore.open(db)
+        await seed(store, ["a", "b", "c"], NOW - timedelta(days=20))
+        await store.close()
+
+    asyncio.run(prepare())
+    env = {"INCIDENTD_SQLITE_PATH": str(db), "INCIDENTD_PROCESSED_MESSAGES_RETENTION_DAYS": "10"}
+    result = CliRunner().invoke(cli, ["maintenance"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "pruned 3 processed-message keys" in result.output
+    again = CliRunner().invoke(cli, ["maintenance"], env=env)
+    assert "pruned 0 processed-message keys" in again.output

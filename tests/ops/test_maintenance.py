@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -13,13 +14,19 @@ import pytest
 from click.testing import CliRunner
 
 from app import cli
+from application.incidents import Incident
 from config.container import Container
-from config.settings import load
+from config.settings import SettingsError, load
+from infra.aws import AwsCloud, archive_key
 from infra.maintenance import Maintenance
 from infra.sqlite.store import SqliteStore
+from tests.adapters import conftest as adapters
 from tests.contract.broker_contract import eventually
 from tests.incidents.conftest import PG_DSN, drop_schema, postgres_available
 
+# moto's S3 on loopback and an archive bucket, the fixtures of tests/adapters
+moto_url, aws_env, aws, bucket, cloud = (adapters.moto_url, adapters.aws_env, adapters.aws, adapters.bucket,
+                                         adapters.cloud)  # fmt: skip
 NOW = datetime.now(UTC)
 RETENTION = timedelta(days=45)
 
@@ -159,3 +166,134 @@ def test_the_maintenance_command_prunes_and_reports(tmp_path: Path) -> None:
     assert "pruned 3 processed-message keys" in result.output
     again = CliRunner().invoke(cli, ["maintenance"], env=env)
     assert "pruned 0 processed-message keys" in again.output
+
+
+# --- incident retention and archival to S3 (moto on loopback, as in tests/adapters) --------------------
+
+INCIDENT_RETENTION = timedelta(days=90)
+
+
+async def add_incident(store: Any, *, opened_days_ago: float, resolved_days_ago: float | None) -> Incident:
+    """An incident opened (and resolved) that many days ago, written through a store transaction."""
+    incident = Incident.open(
+        at=NOW - timedelta(days=opened_days_ago), actor="test", message_id=uuid.uuid4().hex,
+        title="disk full", source="manual", dedup_key=uuid.uuid4().hex, service="db",
+    )  # fmt: skip
+    if resolved_days_ago is not None:
+        incident.resolve(at=NOW - timedelta(days=resolved_days_ago), actor="test", message_id="r")
+    async with store.transaction(uuid.uuid4().hex) as tx:
+        await tx.add(incident)
+    return incident
+
+
+async def archived_object(aws: Any, bucket: str, incident: Incident) -> dict[str, Any] | None:
+    key = archive_key("incidents", str(incident.id), incident.created_at)
+    async with aws("s3") as s3:
+        try:
+            stored = await s3.get_object(Bucket=bucket, Key=key)
+        except s3.exceptions.NoSuchKey:
+            return None
+        return dict(json.loads(await stored["Body"].read()))
+
+
+class DeleteFailsOnce:
+    """The store, as seen by a run that is interrupted (pod killed, database gone) after the archive was
+    written and before the incidents were deleted."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def delete_archived(self, archived: Any) -> int:
+        if not self.failed:
+            self.failed = True
+            raise ConnectionError("the run was interrupted here")
+        return int(await self._store.delete_archived(archived))
+
+
+async def test_old_resolved_incidents_are_archived_to_s3_then_deleted(
+    store: Any, cloud: AwsCloud, aws: Any, bucket: str
+) -> None:
+    """Resolved incidents whose last event is older than the retention end up as JSON objects in the
+    bucket (the whole incident, timeline included) and are gone from the store; an old incident that is
+    still open, and one resolved recently, stay and are not archived."""
+    old = [await add_incident(store, opened_days_ago=120, resolved_days_ago=100) for _ in range(5)]
+    still_open = await add_incident(store, opened_days_ago=200, resolved_days_ago=None)
+    recent = await add_incident(store, opened_days_ago=120, resolved_days_ago=30)
+    maintenance = Maintenance(
+        store, processed_retention=None, batch_size=2, incident_retention=INCIDENT_RETENTION, cloud=cloud
+    )
+
+    report = await maintenance.run()
+
+    assert (report.archived, report.deleted) == (5, 5)
+    for incident in old:
+        assert await store.get(incident.id) is None
+        stored = await archived_object(aws, bucket, incident)
+        assert stored is not None and stored["id"] == str(incident.id) and stored["status"] == "resolved"
+        assert [e["kind"] for e in stored["timeline"]] == ["opened", "resolved"]
+    for kept in (still_open, recent):
+        assert await store.get(kept.id) is not None
+        assert await archived_object(aws, bucket, kept) is None
+
+
+async def test_an_interrupted_archive_run_is_completed_by_the_next_one(
+    store: Any, cloud: AwsCloud, aws: Any, bucket: str
+) -> None:
+    """A run that dies after writing the archive and before deleting leaves the incident in the store
+    and its object in S3; the next run writes the same object again and deletes the incident once."""
+    incident = await add_incident(store, opened_days_ago=120, resolved_days_ago=100)
+    interrupted = DeleteFailsOnce(store)
+    first = Maintenance(
+        interrupted, processed_retention=None, batch_size=10, incident_retention=INCIDENT_RETENTION,
+        cloud=cloud,
+    )  # fmt: skip
+    with pytest.raises(ConnectionError):
+        await first.run()
+    assert await store.get(incident.id) is not None
+    assert await archived_object(aws, bucket, incident) is not None
+
+    report = await first.run()
+
+    assert (report.archived, report.deleted) == (1, 1)
+    assert await store.get(incident.id) is None
+    stored = await archived_object(aws, bucket, incident)
+    assert stored is not None and stored["id"] == str(incident.id)
+    third = await first.run()
+    assert (third.archived, third.deleted) == (0, 0)
+
+
+async def test_an_incident_changed_after_it_was_archived_is_kept(
+    store: Any, cloud: AwsCloud, aws: Any, bucket: str
+) -> None:
+    """If a handler changes an incident between the archive and the delete (a late note), the incident
+    stays in the store rather than being deleted with a stale archive; a later run archives it anew."""
+    incident = await add_incident(store, opened_days_ago=120, resolved_days_ago=100)
+    (read,) = await store.resolved_before(NOW - INCIDENT_RETENTION, 10)
+    async with store.transaction(uuid.uuid4().hex) as tx:
+        changed = await tx.get(incident.id)
+        changed.add_note(note="post-mortem linked", at=NOW - timedelta(days=99), actor="sre", message_id="n")
+        await tx.update(changed)
+    assert await store.delete_archived([read]) == 0
+    assert await store.get(incident.id) is not None
+
+    maintenance = Maintenance(
+        store, processed_retention=None, batch_size=10, incident_retention=INCIDENT_RETENTION, cloud=cloud
+    )
+    assert (await maintenance.run()).deleted == 1
+    stored = await archived_object(aws, bucket, incident)
+    assert stored is not None and stored["timeline"][-1]["note"] == "post-mortem linked"
+
+
+def test_archiving_needs_the_aws_adapter_and_a_bucket() -> None:
+    """incident_archive_enabled without aws_enabled and a bucket stops at start-up, naming the setting,
+    instead of deleting incidents it cannot archive."""
+    with pytest.raises(SettingsError, match="INCIDENT_ARCHIVE_ENABLED"):
+        load(incident_archive_enabled=True)
+    with pytest.raises(SettingsError, match="aws_archive_bucket"):
+        load(incident_archive_enabled=True, aws_enabled=True)
+    enabled = load(incident_archive_enabled=True, aws_enabled=True, aws_archive_bucket="b")
+    assert enabled.incident_archive_enabled

@@ -126,7 +126,9 @@ async def _start_ops(
     from infra.ops import OpsServer
 
     metrics = container.metrics()
-    metrics.track_in_flight(lambda: dispatcher.in_flight)
+    metrics.track_in_flight(lambda: dispatcher.in_flight - dispatcher.waiting)
+    metrics.track_waiting(lambda: dispatcher.waiting)
+    metrics.track_settle_failures(lambda: dispatcher.settle_failures)
     store = await container.store()
     server = OpsServer(
         metrics.registry,

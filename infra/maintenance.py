@@ -108,7 +108,7 @@ class Maintenance:
         while True:
             deleted = await self._store.prune_processed(before, self._batch)
             report.pruned += deleted
-            if deleted < self._batch:
+            if not deleted:  # not "fewer than asked": a store may cap its batches (SQLite)
                 break
             await asyncio.sleep(0)  # let the worker's own tasks run between batches
         report.prune_seconds = time.perf_counter() - started

@@ -19,7 +19,7 @@ from config.container import Container
 from config.settings import SettingsError, load
 from infra.aws import AwsCloud, archive_key
 from infra.maintenance import Maintenance
-from infra.sqlite.store import SqliteStore
+from infra.sqlite.store import PRUNE_BATCH_MAX, SqliteStore
 from tests.adapters import conftest as adapters
 from tests.contract.broker_contract import eventually
 from tests.incidents.conftest import PG_DSN, drop_schema, postgres_available
@@ -91,6 +91,19 @@ async def test_keys_older_than_the_retention_are_pruned_and_newer_ones_kept(stor
     assert await count(store) == 2
     assert await processed(store, "recent") and await processed(store, "handled-now")
     assert not await processed(store, "old-3")
+
+
+async def test_sqlite_prunes_in_short_transactions_and_still_prunes_everything(tmp_path: Path) -> None:
+    """SQLite deletes at most PRUNE_BATCH_MAX keys per transaction whatever the batch setting (handlers
+    wait for its one writer meanwhile), and a run still deletes every old key."""
+    store = await SqliteStore.open(tmp_path / "incidentd.db")
+    try:
+        await seed(store, [f"old-{i}" for i in range(2 * PRUNE_BATCH_MAX + 500)], NOW - timedelta(days=50))
+        assert await store.prune_processed(NOW - RETENTION, 5000) == PRUNE_BATCH_MAX
+        report = await Maintenance(store, processed_retention=RETENTION, batch_size=5000).run()
+        assert report.pruned == PRUNE_BATCH_MAX + 500 and await count(store) == 0
+    finally:
+        await store.close()
 
 
 async def test_without_retention_nothing_is_pruned(store: Any) -> None:

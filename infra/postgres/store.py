@@ -204,6 +204,7 @@ class PostgresStore:
     def __init__(self, pool: asyncpg.Pool, observer: IncidentObserver | None = None) -> None:
         self._pool = pool
         self._observer = observer
+        self._maintenance_conn: Any = None  # see maintenance_lock
 
     @classmethod
     async def open(
@@ -263,28 +264,43 @@ class PostgresStore:
     @asynccontextmanager
     async def maintenance_lock(self) -> AsyncIterator[bool]:
         """True while this process holds the schema's maintenance lock; False (at once) when another
-        does. A session lock on a connection kept for the duration (the server frees it if that dies)."""
+        does. A session lock on a connection kept for the duration (the server frees it if that dies);
+        the maintenance statements run on that connection meanwhile, so a run needs one pool
+        connection, not two (with ``postgres_pool_max`` 1 it would otherwise wait for itself)."""
         async with self._pool.acquire() as conn:
             held = await conn.fetchval(
                 f"SELECT pg_try_advisory_lock($1, {_MAINTENANCE_LOCK})", _LOCK_NAMESPACE
             )
+            self._maintenance_conn = conn if held else None
             try:
                 yield bool(held)
             finally:
+                self._maintenance_conn = None
                 if held:
                     await conn.fetchval(
                         f"SELECT pg_advisory_unlock($1, {_MAINTENANCE_LOCK})", _LOCK_NAMESPACE
                     )
 
+    @asynccontextmanager
+    async def _maintenance_connection(self) -> AsyncIterator[Any]:
+        """The maintenance lock's connection while it is held, else one from the pool."""
+        if self._maintenance_conn is not None:
+            yield self._maintenance_conn
+            return
+        async with self._pool.acquire() as conn:
+            yield conn
+
     async def prune_processed(self, before: datetime, limit: int) -> int:
         """Delete up to ``limit`` idempotency keys recorded before ``before`` (one short transaction)."""
-        status = await self._pool.execute(_PRUNE_PROCESSED, before, limit)
+        async with self._maintenance_connection() as conn:
+            status = await conn.execute(_PRUNE_PROCESSED, before, limit)
         return int(status.split()[-1])
 
     async def resolved_before(self, before: datetime, limit: int) -> Sequence[tuple[Incident, str]]:
         """Up to ``limit`` resolved incidents whose last event is older than ``before``, oldest first,
         each with its stored document (what :meth:`delete_archived` compares against)."""
-        rows = await self._pool.fetch(_RESOLVED_BEFORE, before, limit)
+        async with self._maintenance_connection() as conn:
+            rows = await conn.fetch(_RESOLVED_BEFORE, before, limit)
         return [(Incident.model_validate_json(row[3]), row[3]) for row in rows]
 
     async def delete_archived(self, archived: Sequence[tuple[Incident, str]]) -> int:
@@ -292,7 +308,7 @@ class PostgresStore:
         first (as a handler's transaction does), so no handler is half-way through one of them."""
         if not archived:
             return 0
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._maintenance_connection() as conn, conn.transaction():
             await conn.execute(_LOCK, sorted({i.dedup_key for i, _ in archived}), _LOCK_NAMESPACE)
             status = await conn.execute(
                 _DELETE_ARCHIVED, [i.id for i, _ in archived], [doc for _, doc in archived]

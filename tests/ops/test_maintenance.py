@@ -310,3 +310,22 @@ def test_archiving_needs_the_aws_adapter_and_a_bucket() -> None:
         load(incident_archive_enabled=True, aws_enabled=True)
     enabled = load(incident_archive_enabled=True, aws_enabled=True, aws_archive_bucket="b")
     assert enabled.incident_archive_enabled
+
+
+async def test_maintenance_runs_on_a_pool_of_one_connection() -> None:
+    """With INCIDENTD_POSTGRES_POOL_MAX=1 a run does not wait for a second connection (the lock's own
+    connection does the work): it finishes, and the store is usable afterwards."""
+    postgres_available()
+    from infra.postgres.store import PostgresStore
+
+    schema = f"maintenance_test_{uuid.uuid4().hex[:12]}"
+    store = await PostgresStore.open(PG_DSN, schema=schema, min_size=1, max_size=1)
+    try:
+        await seed(store, ["old"], NOW - timedelta(days=50))
+        report = await asyncio.wait_for(
+            Maintenance(store, processed_retention=RETENTION, batch_size=10).run(), timeout=30
+        )
+        assert report.pruned == 1 and not await processed(store, "old")
+    finally:
+        await store.close()
+        await drop_schema(schema)

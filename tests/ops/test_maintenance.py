@@ -15,7 +15,6 @@ from click.testing import CliRunner
 
 from app import cli
 from application.incidents import Incident
-from config.container import Container
 from config.settings import SettingsError, load
 from infra.aws import AwsCloud, archive_key
 from infra.maintenance import Maintenance
@@ -23,6 +22,7 @@ from infra.sqlite.store import PRUNE_BATCH_MAX, SqliteStore
 from tests.adapters import conftest as adapters
 from tests.contract.broker_contract import eventually
 from tests.incidents.conftest import PG_DSN, drop_schema, postgres_available
+from tests.workers import env_of, log_events, sigterm, worker_process
 
 # moto's S3 on loopback and an archive bucket, the fixtures of tests/adapters
 moto_url, aws_env, aws, bucket, cloud = (adapters.moto_url, adapters.aws_env, adapters.aws, adapters.bucket,
@@ -144,23 +144,26 @@ async def test_only_one_process_prunes_a_postgres_schema_at_a_time(tmp_path: Pat
 
 
 async def test_the_worker_prunes_every_maintenance_interval(tmp_path: Path) -> None:
-    """A worker with maintenance_interval set prunes on its own: an old key disappears without any
-    command being run, a recent one stays."""
-    settings = load(sqlite_path=tmp_path / "incidentd.db", maintenance_interval=0.2)
-    container = Container(settings=settings)
+    """`python app.py worker` with maintenance_interval set prunes on its own: an old key disappears
+    without any command being run, a recent one stays; SIGTERM still stops it cleanly (exit 0)."""
+    db = tmp_path / "incidentd.db"
+    store = await SqliteStore.open(db)
     try:
-        store = await container.store()
         await seed(store, ["old"], NOW - timedelta(days=50))
         await seed(store, ["recent"], NOW)
-        await container.maintenance_loop()  # type: ignore[misc]
+        env = env_of({"sqlite_path": str(db), "maintenance_interval": "0.2", "ops_host": "127.0.0.1",
+                      "ops_port": "0", "broker": "memory", "store": "sqlite"})  # fmt: skip
+        with worker_process(env, tmp_path / "worker.log") as worker:
 
-        async def only_the_recent_key_left() -> bool:
-            return await count(store) == 1
+            async def only_the_recent_key_left() -> bool:
+                return await count(store) == 1
 
-        await eventually(only_the_recent_key_left, timeout=30)
+            await eventually(only_the_recent_key_left, timeout=60)
+            assert await sigterm(worker) == 0
         assert await processed(store, "recent")
+        assert log_events(tmp_path / "worker.log", "maintenance.done")
     finally:
-        await container.shutdown_resources()  # type: ignore[misc]
+        await store.close()
 
 
 def test_the_maintenance_command_prunes_and_reports(tmp_path: Path) -> None:

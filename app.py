@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from application.dispatcher import Dispatcher
-from application.errors import BrokerOperationError
+from application.errors import BrokerOperationError, IncidentdError
 from application.factory import CommandFactory
 from application.handlers import HANDLERS
 from application.incidents import Incident
@@ -424,7 +424,10 @@ def maintenance(ctx: click.Context) -> None:
 async def _maintenance(settings: Settings) -> str:
     async with _container(settings) as container:
         runner = await container.maintenance()  # type: ignore[misc]
-        return (await runner.run()).summary()  # type: ignore[no-any-return]
+        try:
+            return (await runner.run()).summary()  # type: ignore[no-any-return]
+        except IncidentdError as exc:  # e.g. the archive bucket is missing: one line, exit 1
+            raise click.ClickException(str(exc)) from None
 
 
 @cli.command()

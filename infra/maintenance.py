@@ -57,15 +57,18 @@ class Report:
     archived: int = 0
     deleted: int = 0
     locked_out: bool = False
+    archiving: bool = False
 
     def summary(self) -> str:
         if self.locked_out:
             return "maintenance: another process is running it; nothing done"
         rate = f" ({self.pruned / self.prune_seconds:,.0f}/s)" if self.pruned and self.prune_seconds else ""
-        return (
-            f"pruned {self.pruned:,} processed-message keys{rate}; "
+        archive = (
             f"archived {self.archived:,} resolved incidents, deleted {self.deleted:,}"
+            if self.archiving
+            else "incident archival is off"
         )
+        return f"pruned {self.pruned:,} processed-message keys{rate}; {archive}"
 
 
 class Maintenance:
@@ -90,7 +93,7 @@ class Maintenance:
 
     async def run(self, now: datetime | None = None) -> Report:
         now = now or datetime.now(UTC)
-        report = Report()
+        report = Report(archiving=self._incident_retention is not None)
         async with self._store.maintenance_lock() as held:
             if not held:
                 report.locked_out = True

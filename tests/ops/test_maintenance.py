@@ -332,3 +332,39 @@ async def test_maintenance_runs_on_a_pool_of_one_connection() -> None:
     finally:
         await store.close()
         await drop_schema(schema)
+
+
+def test_the_maintenance_command_archives_or_says_in_one_line_why_not(
+    tmp_path: Path, moto_url: str, aws_env: None, bucket: str
+) -> None:
+    """With archival on, `app.py maintenance` archives and deletes an old resolved incident; pointed at a
+    bucket that does not exist it exits 1 with one line naming it and deletes nothing."""
+    db = tmp_path / "incidentd.db"
+
+    async def prepare() -> Incident:
+        store = await SqliteStore.open(db)
+        try:
+            return await add_incident(store, opened_days_ago=120, resolved_days_ago=100)
+        finally:
+            await store.close()
+
+    incident = asyncio.run(prepare())
+    env = {"INCIDENTD_SQLITE_PATH": str(db), "INCIDENTD_INCIDENT_ARCHIVE_ENABLED": "true",
+           "INCIDENTD_AWS_ENABLED": "true", "INCIDENTD_AWS_ENDPOINT_URL": moto_url}  # fmt: skip
+
+    missing = CliRunner().invoke(cli, ["maintenance"], env=env | {"INCIDENTD_AWS_ARCHIVE_BUCKET": "no-such"})
+    assert missing.exit_code == 1
+    assert "Error:" in missing.output and "no-such" in missing.output and "Traceback" not in missing.output
+
+    done = CliRunner().invoke(cli, ["maintenance"], env=env | {"INCIDENTD_AWS_ARCHIVE_BUCKET": bucket})
+    assert done.exit_code == 0, done.output
+    assert "archived 1 resolved incidents, deleted 1" in done.output
+
+    async def gone() -> bool:
+        store = await SqliteStore.open(db)
+        try:
+            return await store.get(incident.id) is None
+        finally:
+            await store.close()
+
+    assert asyncio.run(gone())

@@ -18,7 +18,7 @@ import click
 import structlog
 
 from application.dispatcher import Dispatcher
-from application.errors import BrokerOperationError
+from application.errors import BrokerOperationError, IncidentdError
 from application.factory import CommandFactory
 from application.handlers import HANDLERS
 from application.incidents import Incident
@@ -112,6 +112,8 @@ async def _worker(settings: Settings, from_file: Path | None) -> None:
             loop.add_signal_handler(sig, stop.set)
         await broker.setup()
         ops = await _start_ops(settings, container, broker, dispatcher)
+        # retention and archival every maintenance_interval (docs/operations.md)
+        await container.maintenance_loop()  # type: ignore[misc]
         report = await run_worker(
             broker.subscriber,
             dispatcher,
@@ -194,7 +196,9 @@ async def _start_ops(
     from infra.ops import OpsServer
 
     metrics = container.metrics()
-    metrics.track_in_flight(lambda: dispatcher.in_flight)
+    metrics.track_in_flight(lambda: dispatcher.in_flight - dispatcher.waiting)
+    metrics.track_waiting(lambda: dispatcher.waiting)
+    metrics.track_settle_failures(lambda: dispatcher.settle_failures)
     store = await container.store()
     server = OpsServer(
         metrics.registry,
@@ -608,6 +612,28 @@ def _letter_json(letter: Any) -> dict[str, Any]:
         "first_seen": letter.first_seen.isoformat() if letter.first_seen else None,
         "dead_lettered_at": letter.dead_lettered_at.isoformat() if letter.dead_lettered_at else None,
     }
+
+
+# --- maintenance ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.pass_context
+def maintenance(ctx: click.Context) -> None:
+    """Prune old idempotency keys and (if enabled) archive old resolved incidents to S3, once.
+
+    Safe to run at any time and to repeat; while another process runs it, this one does nothing.
+    """
+    click.echo(asyncio.run(_maintenance(_settings(ctx))))
+
+
+async def _maintenance(settings: Settings) -> str:
+    async with _container(settings) as container:
+        runner = await container.maintenance()  # type: ignore[misc]
+        try:
+            return (await runner.run()).summary()  # type: ignore[no-any-return]
+        except IncidentdError as exc:  # e.g. the archive bucket is missing: one line, exit 1
+            raise click.ClickException(str(exc)) from None
 
 
 @cli.command()

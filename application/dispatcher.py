@@ -107,10 +107,16 @@ class Dispatcher:
         self._waiting: set[asyncio.Task[Any]] = set()
         self._settling: set[asyncio.Task[Any]] = set()
         self._draining = False
+        self.settle_failures = 0  # settles the broker did not take (read by /metrics)
 
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
+
+    @property
+    def waiting(self) -> int:
+        """Deliveries received but waiting for a concurrency slot (``in_flight`` counts them too)."""
+        return len(self._waiting)
 
     def submit(self, delivery: Delivery) -> None:
         """Take a delivery from a subscriber; its outcome is settled by a task of its own."""
@@ -250,6 +256,7 @@ class Dispatcher:
             # acked, so the broker redelivers it: nothing is lost, and the store's idempotency record
             # makes the second run harmless.
             log.exception("message.settle_failed", outcome=outcome.disposition.value)
+            self.settle_failures += 1
             return
         duration = time.perf_counter() - started
         _log_outcome(outcome, round(duration * 1000, 3))

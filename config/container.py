@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from infra.clickhouse import EventLake
     from infra.incident_metrics import IncidentMetrics
+    from infra.maintenance import Maintenance
     from infra.metrics import Metrics
 
 # --- stores -----------------------------------------------------------------------------------------
@@ -262,6 +263,31 @@ def build_metrics(handlers: dict[type[Command], list]) -> Metrics:  # type: igno
     return Metrics(command_types=CommandFactory(handlers).types)
 
 
+# --- maintenance: retention and archival (infra/maintenance.py) ---------------------------------------
+
+
+def build_maintenance(settings: Settings, store: IncidentStore, cloud: Cloud | None) -> Maintenance:
+    from infra.maintenance import Maintenance, days
+
+    return Maintenance(
+        store,  # type: ignore[arg-type]  # both stores implement MaintainedStore
+        processed_retention=days(settings.processed_messages_retention_days),
+        batch_size=settings.maintenance_batch_size,
+        incident_retention=(
+            days(settings.incident_retention_days) if settings.incident_archive_enabled else None
+        ),
+        cloud=cloud,
+    )
+
+
+async def maintenance_loop(settings: Settings, maintenance: Maintenance) -> AsyncIterator[None]:
+    """The worker's periodic maintenance while started (``maintenance_interval`` 0: none)."""
+    from infra.maintenance import periodic
+
+    async for _ in periodic(maintenance, settings.maintenance_interval):
+        yield None
+
+
 # --- the core ---------------------------------------------------------------------------------------
 
 
@@ -351,3 +377,6 @@ class Container(containers.DeclarativeContainer):
     dispatcher = providers.Singleton(
         build_dispatcher, settings, handlers, handler_dependencies, outcome_observers, receivers
     )
+    # Retention and archival: `app.py maintenance` runs it once, the worker every maintenance_interval.
+    maintenance = providers.Singleton(build_maintenance, settings, store, cloud)
+    maintenance_loop = providers.Resource(maintenance_loop, settings, maintenance)

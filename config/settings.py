@@ -305,6 +305,29 @@ class Settings(BaseSettings):
             raise ValueError("'none' contradicts http_tokens_file; set one of them")
         return value
 
+    # --- maintenance: retention and archival (infra/maintenance.py; docs/operations.md#retention) -------
+    # Idempotency keys (processed_messages) older than this are deleted. It must stay well above the
+    # longest time a broker can hand back a message already handled (redelivery, Pub/Sub seek over a
+    # topic's retention of up to 31 days, a dead letter replayed later): a key pruned earlier lets that
+    # copy apply twice. 0 keeps them for ever.
+    processed_messages_retention_days: float = Field(default=45.0, ge=0)
+    # Resolved incidents whose last event is older than this are archived to S3 (the AWS adapter's
+    # bucket) and then deleted. Off by default; needs aws_enabled and aws_archive_bucket.
+    incident_archive_enabled: bool = False
+    incident_retention_days: float = Field(default=90.0, gt=0)
+    # Rows deleted per transaction (short transactions, no long locks).
+    maintenance_batch_size: int = Field(default=5000, ge=1, le=1_000_000)
+    # Seconds between the worker's maintenance runs (one pod at a time, under an advisory lock); 0: the
+    # worker never runs it (run `app.py maintenance`, e.g. the CronJob in deploy/, instead).
+    maintenance_interval: float = Field(default=3600.0, ge=0)
+
+    @field_validator("incident_archive_enabled")
+    @classmethod
+    def _archive_needs_a_bucket(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not (info.data.get("aws_enabled") and info.data.get("aws_archive_bucket")):
+            raise ValueError("archiving incidents needs aws_enabled and aws_archive_bucket")
+        return value
+
     @field_validator("retry_backoff")
     @classmethod
     def _non_negative(cls, value: list[float]) -> list[float]:

@@ -4,12 +4,16 @@ Counters and histograms are fed by :class:`IncidentMetrics` as an
 :class:`~application.ports.IncidentObserver`: the store reports each committed change once, so summing
 them over worker pods is right. The active-incidents gauge is not a sum of per-pod changes (a pod
 restarts, another resolves what this one opened): it is read from the store, by :meth:`refresh`, which
-:func:`keep_fresh` calls every few seconds.
+:func:`keep_fresh` calls every few seconds. Every pod exports the same store-wide value (so any one
+scrape is complete, and no pod is special): aggregate it across pods with ``max``, never ``sum``. Its
+``service`` label is bounded: the :data:`MAX_ACTIVE_SERVICES` services with the most unresolved
+incidents keep their name, the rest are added up as ``other``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Iterator
 
 import structlog
@@ -22,6 +26,11 @@ from application.ports import IncidentStore
 
 log = structlog.get_logger("incidentd.metrics")
 
+# Services named on incidents come from alert labels (free text): past this many, the gauge folds the
+# services with the fewest unresolved incidents into OTHER_SERVICE, so a label flood cannot grow it.
+MAX_ACTIVE_SERVICES = 50
+OTHER_SERVICE = "other"
+
 # Seconds: 30 s .. 1 day, for human response times.
 _BUCKETS = (30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 43200, 86400)
 
@@ -32,7 +41,9 @@ class _ActiveIncidents(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         gauge = GaugeMetricFamily(
-            "incidentd_incidents_active", "Unresolved incidents, as last read from the store.",
+            "incidentd_incidents_active",
+            "Unresolved incidents in the whole store, as last read from it; every pod exports the same "
+            f"value (aggregate with max, not sum). Top {MAX_ACTIVE_SERVICES} services, the rest as other.",
             labels=["severity", "service"],
         )  # fmt: skip
         for (severity, service), count in sorted(self.counts.items()):
@@ -71,7 +82,22 @@ class IncidentMetrics:
             self.time_to_resolve.labels(incident.severity).observe(max(elapsed, 0.0))
 
     async def refresh(self, store: IncidentStore) -> None:
-        self._active.counts = await store.count_active()
+        self._active.counts = bounded_services(await store.count_active())
+
+
+def bounded_services(
+    counts: dict[tuple[str, str], int], limit: int = MAX_ACTIVE_SERVICES
+) -> dict[tuple[str, str], int]:
+    """``counts`` by (severity, service) with at most ``limit`` services named; the others' counts are
+    added up under :data:`OTHER_SERVICE` (the services with most unresolved incidents keep their name)."""
+    totals: collections.Counter[str] = collections.Counter()
+    for (_, service), count in counts.items():
+        totals[service] += count
+    kept = {service for service, _ in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]}
+    bounded: collections.Counter[tuple[str, str]] = collections.Counter()
+    for (severity, service), count in counts.items():
+        bounded[severity, service if service in kept else OTHER_SERVICE] += count
+    return dict(bounded)
 
 
 def register_incident_metrics(registry: CollectorRegistry) -> IncidentMetrics:

@@ -3,13 +3,30 @@
 A registry per :class:`Metrics` (not prometheus_client's global one) keeps tests isolated and lets the
 ops server expose exactly what the worker records. The dispatcher reports every outcome through
 :meth:`Metrics.observe`; it runs once per message, so it only looks up pre-bound label children.
+
+Besides incidentd's own series the registry holds the process's (``process_resident_memory_bytes``,
+``process_cpu_seconds_total``, open files, start time) and ``incidentd_build_info``. No ``*_created``
+series are exported: Prometheus does not use them, and they doubled the series of every counter and
+histogram.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import platform
+from collections.abc import Callable, Iterable, Iterator
+from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from application.messages import Disposition, Message, Outcome
 
@@ -34,6 +51,8 @@ class Metrics:
     """
 
     def __init__(self, registry: CollectorRegistry | None = None, command_types: Iterable[str] = ()) -> None:
+        # A process-wide switch of prometheus_client, checked when samples are collected.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.received_messages = Counter(
             "incidentd_messages_received",
@@ -55,7 +74,9 @@ class Metrics:
             registry=self.registry,
         )
         self.in_flight = Gauge(
-            "incidentd_messages_in_flight", "Messages being handled right now.", registry=self.registry
+            "incidentd_messages_in_flight",
+            "Deliveries holding a concurrency slot (being handled or settled) right now.",
+            registry=self.registry,
         )
         self.broker_reconnects = Counter(
             "incidentd_broker_reconnects",
@@ -72,6 +93,20 @@ class Metrics:
             "How late the event loop ran the ops server's watchdog timer at its last tick.",
             registry=self.registry,
         )
+        self.waiting = Gauge(
+            "incidentd_messages_waiting",
+            "Deliveries received and waiting for a concurrency slot (not counted as in flight).",
+            registry=self.registry,
+        )
+        self._settle_failures = _CallbackCounter(
+            "incidentd_settle_failures",
+            "Outcomes the broker did not take (connection lost): the broker redelivers those messages.",
+        )
+        self.registry.register(self._settle_failures)
+        Info(
+            "incidentd_build", "incidentd's version, and the Python running it.", registry=self.registry
+        ).info({"version": _version(), "python": platform.python_version()})
+        ProcessCollector(registry=self.registry)  # RSS, CPU seconds, open fds, start time (Linux /proc)
         self._children: dict[tuple[str, Disposition], tuple[Counter, Histogram]] = {}
         self._received: dict[str, Counter] = {}
         self._command_types: set[str] = set()
@@ -98,6 +133,15 @@ class Metrics:
         """Read the in-flight gauge from ``count`` at every scrape (e.g. the dispatcher's task count)."""
         self.in_flight.set_function(count)
 
+    def track_waiting(self, count: Callable[[], float]) -> None:
+        """Read the waiting gauge from ``count`` at every scrape (the dispatcher's deliveries waiting for
+        a slot)."""
+        self.waiting.set_function(count)
+
+    def track_settle_failures(self, count: Callable[[], float]) -> None:
+        """Read the settle-failures counter from ``count`` (the dispatcher's own count) at every scrape."""
+        self._settle_failures.read = count
+
     def reconnected(self) -> None:
         """A broker subscriber calls this each time it re-establishes a lost connection."""
         self.broker_reconnects.inc()
@@ -123,3 +167,22 @@ class Metrics:
         for disposition in Disposition:
             counter = self.messages.labels(command_type=command_type, outcome=disposition.value)
             self._children[(command_type, disposition)] = (counter, histogram)
+
+
+class _CallbackCounter(Collector):
+    """A counter whose value another object keeps (the dispatcher counts its settle failures itself)."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self._name = name
+        self._documentation = documentation
+        self.read: Callable[[], float] = lambda: 0
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._documentation, value=self.read())
+
+
+def _version() -> str:
+    try:
+        return version("incidentd")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown"

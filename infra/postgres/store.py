@@ -20,8 +20,9 @@ COMMIT. Connections go back to the pool without asyncpg's reset query (see :func
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Iterable
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -55,6 +56,27 @@ ORDER BY n
 ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, severity = EXCLUDED.severity,
     service = EXCLUDED.service, environment = EXCLUDED.environment,
     correlation_group = EXCLUDED.correlation_group, last_event_at = EXCLUDED.last_event_at, doc = EXCLUDED.doc
+"""
+
+
+# --- maintenance (infra/maintenance.py): retention and archival, in short transactions -----------------
+# One session lock per schema: the pod (or CronJob run) that holds it does the maintenance, others skip.
+_MAINTENANCE_LOCK = "hashtext('maintenance:' || current_schema())"
+# A batch of the oldest keys by the processed_at index, deleted by row address (no second index lookup);
+# rows of processed_messages are never updated, so an address read in the same statement stays valid.
+_PRUNE_PROCESSED = """
+DELETE FROM processed_messages WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM processed_messages WHERE processed_at < $1 ORDER BY processed_at LIMIT $2))
+"""
+_RESOLVED_BEFORE = """
+SELECT id, dedup_key, created_at, doc::text FROM incidents
+WHERE status = 'resolved' AND last_event_at < $1 ORDER BY last_event_at, seq LIMIT $2
+"""
+# Deletes an archived incident only if it is still exactly what was archived (``json`` keeps the text
+# as written); one changed since is kept, and archived again on the next run.
+_DELETE_ARCHIVED = """
+DELETE FROM incidents AS i USING unnest($1::uuid[], $2::text[]) AS a(id, doc)
+WHERE i.id = a.id AND i.status = 'resolved' AND i.doc::text = a.doc
 """
 
 
@@ -182,6 +204,7 @@ class PostgresStore:
     def __init__(self, pool: asyncpg.Pool, observer: IncidentObserver | None = None) -> None:
         self._pool = pool
         self._observer = observer
+        self._maintenance_conn: Any = None  # see maintenance_lock
 
     @classmethod
     async def open(
@@ -242,3 +265,59 @@ class PostgresStore:
 
     async def ping(self) -> None:
         await self._pool.fetchval("SELECT 1")
+
+    # --- maintenance (infra/maintenance.py) ------------------------------------------------------------
+
+    @asynccontextmanager
+    async def maintenance_lock(self) -> AsyncIterator[bool]:
+        """True while this process holds the schema's maintenance lock; False (at once) when another
+        does. A session lock on a connection kept for the duration (the server frees it if that dies);
+        the maintenance statements run on that connection meanwhile, so a run needs one pool
+        connection, not two (with ``postgres_pool_max`` 1 it would otherwise wait for itself)."""
+        async with self._pool.acquire() as conn:
+            held = await conn.fetchval(
+                f"SELECT pg_try_advisory_lock($1, {_MAINTENANCE_LOCK})", _LOCK_NAMESPACE
+            )
+            self._maintenance_conn = conn if held else None
+            try:
+                yield bool(held)
+            finally:
+                self._maintenance_conn = None
+                if held:
+                    await conn.fetchval(
+                        f"SELECT pg_advisory_unlock($1, {_MAINTENANCE_LOCK})", _LOCK_NAMESPACE
+                    )
+
+    @asynccontextmanager
+    async def _maintenance_connection(self) -> AsyncIterator[Any]:
+        """The maintenance lock's connection while it is held, else one from the pool."""
+        if self._maintenance_conn is not None:
+            yield self._maintenance_conn
+            return
+        async with self._pool.acquire() as conn:
+            yield conn
+
+    async def prune_processed(self, before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` idempotency keys recorded before ``before`` (one short transaction)."""
+        async with self._maintenance_connection() as conn:
+            status = await conn.execute(_PRUNE_PROCESSED, before, limit)
+        return int(status.split()[-1])
+
+    async def resolved_before(self, before: datetime, limit: int) -> Sequence[tuple[Incident, str]]:
+        """Up to ``limit`` resolved incidents whose last event is older than ``before``, oldest first,
+        each with its stored document (what :meth:`delete_archived` compares against)."""
+        async with self._maintenance_connection() as conn:
+            rows = await conn.fetch(_RESOLVED_BEFORE, before, limit)
+        return [(Incident.model_validate_json(row[3]), row[3]) for row in rows]
+
+    async def delete_archived(self, archived: Sequence[tuple[Incident, str]]) -> int:
+        """Delete these incidents, each only if unchanged since it was read; their dedup keys are locked
+        first (as a handler's transaction does), so no handler is half-way through one of them."""
+        if not archived:
+            return 0
+        async with self._maintenance_connection() as conn, conn.transaction():
+            await conn.execute(_LOCK, sorted({i.dedup_key for i, _ in archived}), _LOCK_NAMESPACE)
+            status = await conn.execute(
+                _DELETE_ARCHIVED, [i.id for i, _ in archived], [doc for _, doc in archived]
+            )
+        return int(status.split()[-1])

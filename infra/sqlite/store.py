@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Collection, Iterable
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +49,12 @@ MIGRATIONS = [
     CREATE INDEX IF NOT EXISTS incidents_latest ON incidents (dedup_key);  -- rowid order within a key
     CREATE INDEX IF NOT EXISTS incidents_open_by_scope ON incidents (service, environment)
         WHERE status != 'resolved';
+    """,
+    # Retention (infra/maintenance.py): prune idempotency keys by age, find old resolved incidents.
+    """
+    CREATE INDEX IF NOT EXISTS processed_messages_by_time ON processed_messages (processed_at);
+    CREATE INDEX IF NOT EXISTS incidents_resolved_by_last_event ON incidents (last_event_at)
+        WHERE status = 'resolved';
     """,
 ]
 
@@ -237,3 +243,63 @@ class SqliteStore:
 
     async def ping(self) -> None:
         await self._db.execute("SELECT 1")
+
+    # --- maintenance (infra/maintenance.py) ------------------------------------------------------------
+    # Each statement runs under the store's lock: the connection is shared with handlers' transactions,
+    # and a statement sent while one is open would become part of it.
+
+    @asynccontextmanager
+    async def maintenance_lock(self) -> AsyncIterator[bool]:
+        """Always granted: SQLite's own write lock serialises two processes' batches, which are each
+        atomic, so running maintenance twice at once is harmless."""
+        yield True
+
+    async def prune_processed(self, before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` (at most :data:`PRUNE_BATCH_MAX`) idempotency keys recorded before
+        ``before``, in one transaction."""
+        limit = min(limit, PRUNE_BATCH_MAX)
+        sql = (
+            "DELETE FROM processed_messages WHERE rowid IN (SELECT rowid FROM processed_messages "
+            "WHERE processed_at < ? ORDER BY processed_at LIMIT ?)"
+        )
+        async with self._lock, self._db.execute(sql, (_utc(before), limit)) as cursor:
+            return cursor.rowcount
+
+    async def resolved_before(self, before: datetime, limit: int) -> Sequence[tuple[Incident, str]]:
+        """Up to ``limit`` resolved incidents whose last event is older than ``before``, oldest first,
+        each with its stored document (what :meth:`delete_archived` compares against)."""
+        sql = (
+            "SELECT doc FROM incidents WHERE status = 'resolved' AND last_event_at < ? "
+            "ORDER BY last_event_at LIMIT ?"
+        )
+        async with self._lock, self._db.execute(sql, (_utc(before), limit)) as cursor:
+            rows = await cursor.fetchall()
+        return [(Incident.model_validate_json(row[0]), row[0]) for row in rows]
+
+    async def delete_archived(self, archived: Sequence[tuple[Incident, str]]) -> int:
+        """Delete these incidents, each only if unchanged since it was read."""
+        sql = "DELETE FROM incidents WHERE id = ? AND status = 'resolved' AND doc = ?"
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                deleted = 0
+                for incident, doc in archived:
+                    async with self._db.execute(sql, (str(incident.id), doc)) as cursor:
+                        deleted += cursor.rowcount
+                await self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.OperationalError):
+                    await self._db.execute("ROLLBACK")
+                raise
+        return deleted
+
+
+# Deleting keys costs SQLite about 0.1 ms a row (each touches a random page of the key index, written to
+# the WAL at commit; tests/bench/maintenance_bench.py), and handlers wait for the one writer meanwhile:
+# 1,000 rows hold it about 0.1 s, 5,000 about 0.5 s.
+PRUNE_BATCH_MAX = 1000
+
+
+def _utc(at: datetime) -> str:
+    """The text form timestamps are stored in (UTC ISO 8601), so that text comparison orders them."""
+    return at.astimezone(UTC).isoformat()

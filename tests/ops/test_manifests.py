@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from config.settings import Settings, load
-from tests.ops.conftest import OVERLAYS
+from tests.ops.conftest import OVERLAYS, ROOT, kubectl
 
 Doc = dict[str, Any]
 # The oldest and newest Kubernetes versions whose schemas kubernetes-validate bundles (offline).
@@ -48,10 +51,35 @@ def pod_specs(docs: tuple[Doc, ...]) -> Iterator[tuple[str, Doc]]:
     for doc in docs:
         if doc["kind"] in {"Deployment", "Job"}:
             yield f"{doc['kind']}/{doc['metadata']['name']}", doc["spec"]["template"]["spec"]
+        elif doc["kind"] == "CronJob":
+            yield f"CronJob/{doc['metadata']['name']}", doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
 
 
 def worker(docs: tuple[Doc, ...]) -> Doc:
     return one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.fixture
+def with_kubernetes(overlay: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Doc, ...]:
+    """The overlay plus deploy/components/kubernetes, the way the component's comment tells users to add it
+    (an overlay of their own; kustomize wants relative paths)."""
+    if overlay not in _WITH_KUBERNETES:
+        mine = tmp_path_factory.mktemp(f"with-kubernetes-{overlay}")
+        deploy = ROOT / "deploy"
+        (mine / "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+            f"resources: [{os.path.relpath(deploy / 'overlays' / overlay, mine)}]\n"
+            f"components: [{os.path.relpath(deploy / 'components' / 'kubernetes', mine)}]\n"
+        )
+        result = subprocess.run(
+            [kubectl(), "kustomize", str(mine)], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        _WITH_KUBERNETES[overlay] = tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+    return _WITH_KUBERNETES[overlay]
+
+
+_WITH_KUBERNETES: dict[str, tuple[Doc, ...]] = {}
 
 
 def test_the_broker_overlays_exist() -> None:
@@ -136,8 +164,10 @@ def test_no_secret_value_is_in_the_manifests(rendered: tuple[Doc, ...]) -> None:
 
 
 def test_broker_credentials_come_from_documented_secrets(rendered: tuple[Doc, ...], overlay: str) -> None:
-    """The worker and the setup Job read the same, documented Secret keys for their broker and store."""
-    expected = {("INCIDENTD_POSTGRES_DSN", "incidentd-postgres", "dsn")}
+    """The worker and the setup Job read the same, documented Secret keys for their broker and store; the
+    maintenance CronJob only the store's (it never talks to the broker)."""
+    store = {("INCIDENTD_POSTGRES_DSN", "incidentd-postgres", "dsn")}
+    expected = set(store)
     if overlay.startswith("rabbitmq"):
         expected.add(("INCIDENTD_RABBITMQ_URL", "incidentd-rabbitmq", "url"))
     for where, spec in pod_specs(rendered):
@@ -146,7 +176,7 @@ def test_broker_credentials_come_from_documented_secrets(rendered: tuple[Doc, ..
             for env in spec["containers"][0].get("env", [])
             if "secretKeyRef" in env.get("valueFrom", {})
         }
-        assert refs == expected, where
+        assert refs == (store if where.startswith("CronJob") else expected), where
 
 
 def test_pods_run_locked_down(rendered: tuple[Doc, ...]) -> None:
@@ -221,26 +251,129 @@ def test_autoscaler(rendered: tuple[Doc, ...], overlay: str) -> None:
         assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
 
 
-def test_rbac_is_least_privilege(rendered: tuple[Doc, ...]) -> None:
-    """The worker may read Deployments and Namespaces and patch Deployments and their scale, no more.
-
-    Exactly what the Kubernetes adapter uses (docs/adapters.md#rbac): get/list, rollout restart, scale.
-    """
-    allowed = {
-        ("", "namespaces"): {"get", "list"},
-        ("apps", "deployments"): {"get", "list", "patch"},
-        ("apps", "deployments/scale"): {"patch"},
-    }
+def granted_rules(docs: tuple[Doc, ...]) -> dict[tuple[str, str], set[str]]:
     granted: dict[tuple[str, str], set[str]] = {}
-    for role in only(rendered, "ClusterRole") + only(rendered, "Role"):
+    for role in only(docs, "ClusterRole") + only(docs, "Role"):
         for rule in role["rules"]:
             for group in rule["apiGroups"]:
                 for resource in rule["resources"]:
                     granted.setdefault((group, resource), set()).update(rule["verbs"])
-    assert granted == allowed
-    account = one(rendered, "ServiceAccount")["metadata"]
-    for binding in only(rendered, "ClusterRoleBinding") + only(rendered, "RoleBinding"):
+    return granted
+
+
+def mounts_token(docs: tuple[Doc, ...], where: str, spec: Doc) -> bool:
+    """Whether the pod gets an API token: its own setting, else its ServiceAccount's (default true)."""
+    account = one(docs, "ServiceAccount", spec["serviceAccountName"])
+    return bool(spec.get("automountServiceAccountToken", account.get("automountServiceAccountToken", True)))
+
+
+def test_without_the_kubernetes_adapter_there_is_no_rbac_and_no_token(rendered: tuple[Doc, ...]) -> None:
+    """The overlays leave the Kubernetes adapter off: they grant nothing on the API, and no pod gets a
+    ServiceAccount token to call it with."""
+    assert settings(rendered)["kubernetes_enabled"] == "false"
+    rbac_kinds = {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}
+    assert not [d["metadata"]["name"] for d in rendered if d["kind"] in rbac_kinds]
+    account = one(rendered, "ServiceAccount")
+    assert account["automountServiceAccountToken"] is False
+    for where, spec in pod_specs(rendered):
+        assert spec["serviceAccountName"] == account["metadata"]["name"], where
+        assert not mounts_token(rendered, where, spec), where
+
+
+# The API calls infra/kubernetes.py makes (kubernetes-asyncio method names) and the permission each needs.
+API_CALLS = {
+    "read_namespace": ("", "namespaces", "get"),
+    "read_namespaced_deployment": ("apps", "deployments", "get"),
+    "patch_namespaced_deployment": ("apps", "deployments", "patch"),
+    "patch_namespaced_deployment_scale": ("apps", "deployments/scale", "patch"),
+}
+
+
+def needed_permissions() -> dict[tuple[str, str], set[str]]:
+    """What the adapter's code calls, read from infra/kubernetes.py (a new call fails this until it is
+    added to API_CALLS and to the RBAC)."""
+    source = (ROOT / "infra" / "kubernetes.py").read_text()
+    calls = set(re.findall(r"self\._(?:core|apps)\.(\w+)", source))
+    assert calls <= set(API_CALLS), f"API calls with no RBAC mapping: {calls - set(API_CALLS)}"
+    needed: dict[tuple[str, str], set[str]] = {}
+    for call in calls:
+        group, resource, verb = API_CALLS[call]
+        needed.setdefault((group, resource), set()).add(verb)
+    return needed
+
+
+def test_the_kubernetes_component_grants_exactly_what_the_adapter_calls(
+    with_kubernetes: tuple[Doc, ...],
+) -> None:
+    """With deploy/components/kubernetes, the worker may do what infra/kubernetes.py calls and nothing
+    else: get Namespaces and Deployments (no cluster-wide list), patch Deployments and their scale. The
+    patch is bound per namespace (RoleBinding), only get cluster-wide."""
+    assert granted_rules(with_kubernetes) == needed_permissions()
+    assert settings(with_kubernetes)["kubernetes_enabled"] == "true"
+    account = one(with_kubernetes, "ServiceAccount")["metadata"]
+    for binding in only(with_kubernetes, "ClusterRoleBinding") + only(with_kubernetes, "RoleBinding"):
         subjects = [(s["kind"], s["name"], s["namespace"]) for s in binding["subjects"]]
         assert subjects == [("ServiceAccount", account["name"], account["namespace"])]
-    for _, spec in pod_specs(rendered):
-        assert spec["serviceAccountName"] == account["name"]
+    for binding in only(with_kubernetes, "ClusterRoleBinding"):
+        role = one(with_kubernetes, "ClusterRole", binding["roleRef"]["name"])
+        assert {verb for rule in role["rules"] for verb in rule["verbs"]} == {"get"}
+
+
+def test_the_kubernetes_component_mounts_the_token_in_the_worker_only(
+    with_kubernetes: tuple[Doc, ...],
+) -> None:
+    """The API token reaches the worker pods, which call the API, and not the setup or maintenance pods."""
+    tokens = {where: mounts_token(with_kubernetes, where, spec) for where, spec in pod_specs(with_kubernetes)}
+    assert tokens == {where: where.startswith("Deployment") for where in tokens}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_the_kubernetes_component_validates(with_kubernetes: tuple[Doc, ...], version: str) -> None:
+    """An overlay with the component renders resources kubectl apply would accept."""
+    for doc in with_kubernetes:
+        if not doc["apiVersion"].startswith("keda.sh/"):
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_worker_takes_ingress_on_its_ops_port_only(rendered: tuple[Doc, ...]) -> None:
+    """A NetworkPolicy admits traffic to the worker pods on the ops port (probes, Prometheus) and nothing
+    else; the setup and maintenance pods admit none. Every pod is covered by an Ingress policy."""
+    policies = only(rendered, "NetworkPolicy")
+    assert all(p["spec"]["policyTypes"] == ["Ingress"] for p in policies)
+
+    def selects(policy: Doc, labels: dict[str, str]) -> bool:
+        selector = policy["spec"]["podSelector"]
+        if not selector.get("matchLabels", {}).items() <= labels.items():
+            return False
+        return all(labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", []))
+
+    for doc in rendered:
+        if doc["kind"] not in {"Deployment", "Job", "CronJob"}:
+            continue
+        template = (
+            doc["spec"]["jobTemplate"]["spec"]["template"]
+            if doc["kind"] == "CronJob"
+            else doc["spec"]["template"]
+        )
+        covering = [p for p in policies if selects(p, template["metadata"]["labels"])]
+        assert covering, doc["metadata"]["name"]
+        rules = [rule for p in covering for rule in p["spec"].get("ingress", [])]
+        if doc["kind"] == "Deployment":
+            ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+            assert rules == [{"ports": [{"port": "ops", "protocol": "TCP"}]}], rules
+            assert ports["ops"] == int(settings(rendered)["ops_port"])
+        else:
+            assert rules == [], doc["metadata"]["name"]
+
+
+def test_maintenance_runs_as_a_cronjob_instead_of_in_the_workers(rendered: tuple[Doc, ...]) -> None:
+    """`incidentd maintenance` runs hourly from the worker's image, never two at once, and the workers,
+    whose settings say so, leave retention to it."""
+    cron = one(rendered, "CronJob", "incidentd-maintenance")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["maintenance"]
+    assert container["image"] == worker(rendered)["image"]
+    values = settings(rendered)
+    assert float(values["maintenance_interval"]) == 0
+    assert float(values["processed_messages_retention_days"]) >= 31

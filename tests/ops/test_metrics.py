@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from importlib.metadata import version
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
+from app import _start_ops
 from application.commands import Command
 from application.dispatcher import Context, Dispatcher, bind
 from application.factory import CommandFactory
 from application.messages import TYPE_ATTR, Message, Outcome
 from config.container import Container
 from config.settings import load
+from infra.incident_metrics import MAX_ACTIVE_SERVICES, OTHER_SERVICE, IncidentMetrics
 from infra.metrics import MAX_COMMAND_TYPES, OTHER_COMMAND, Metrics
+from tests.contract.broker_contract import eventually
+from tests.ops.test_server import get
 from tests.unit.test_dispatcher import FakeDelivery
 
 
@@ -103,3 +111,118 @@ async def test_the_worker_container_counts_received_and_outcomes(tmp_path: Path)
     labels = {"command_type": "incident.create"}
     assert registry.get_sample_value("incidentd_messages_received_total", labels) == 1
     assert count(registry, "incident.create", "ack") == 1
+
+
+# --- issue 11: waiting vs in flight, settle failures, build and process metrics, no _created ---------
+
+
+class SettleFails(FakeDelivery):
+    """A delivery whose broker connection dropped before its outcome could be sent."""
+
+    async def settle(self, outcome: Outcome) -> None:
+        self.settled.set()
+        raise ConnectionError("connection lost before the ack")
+
+
+async def worker_metrics(tmp_path: Path, dispatcher_test: Any) -> dict[str, Any]:
+    """Start the worker's ops server the way `app.py worker` does (app._start_ops), run
+    ``dispatcher_test(dispatcher)``, and return the unlabelled samples /metrics shows then (and
+    incidentd_build_info's labels, as "build <label>")."""
+    settings = load(sqlite_path=tmp_path / "incidentd.db", ops_host="127.0.0.1", ops_port=0, concurrency=1)
+    container = Container(settings=settings)
+    broker = SimpleNamespace(subscriber=SimpleNamespace(connected=True))
+    try:
+        dispatcher: Dispatcher = await container.dispatcher()  # type: ignore[misc]
+        server = await _start_ops(settings, container, broker, dispatcher)
+        assert server is not None
+        try:
+            await dispatcher_test(dispatcher)
+            _, text = await get(f"http://127.0.0.1:{server.port}/metrics")
+        finally:
+            await server.stop()
+    finally:
+        await container.shutdown_resources()  # type: ignore[misc]
+    families = list(text_string_to_metric_families(text))
+    assert not [s.name for f in families for s in f.samples if s.name.endswith("_created")], "_created"
+    samples = {s.name: s.value for f in families for s in f.samples if not s.labels}
+    build = [s.labels for f in families for s in f.samples if s.name == "incidentd_build_info"]
+    return samples | {f"build {key}": value for labels in build for key, value in labels.items()}
+
+
+async def test_deliveries_waiting_for_a_slot_are_not_counted_as_in_flight(tmp_path: Path) -> None:
+    """With one handler slot and three deliveries, /metrics shows one in flight and two waiting (before,
+    incidentd_messages_in_flight said three while only one ran)."""
+    release = asyncio.Event()
+    deliveries = [FakeDelivery(Message(b'{"title": "db down"}', {TYPE_ATTR: "incident.create"}, f"m-{i}"))
+                  for i in range(3)]  # fmt: skip
+
+    async def three_deliveries(dispatcher: Dispatcher) -> None:
+        original = dispatcher._handlers
+
+        async def blocked(command: Command, context: Context) -> None:
+            await release.wait()
+
+        dispatcher._handlers = {command: [blocked] for command in original}
+        for delivery in deliveries:
+            dispatcher.submit(delivery)
+        await eventually(lambda: dispatcher.waiting == 2)
+
+    samples = await worker_metrics(tmp_path, three_deliveries)
+    release.set()
+    assert samples["incidentd_messages_in_flight"] == 1
+    assert samples["incidentd_messages_waiting"] == 2
+
+
+async def test_a_settle_the_broker_did_not_take_is_counted(tmp_path: Path) -> None:
+    """An outcome lost with the broker connection shows in incidentd_settle_failures_total (it used to be
+    only a log line, and the message in no counter at all)."""
+
+    async def settle_fails(dispatcher: Dispatcher) -> None:
+        delivery = SettleFails(Message(b'{"title": "db down"}', {TYPE_ATTR: "incident.create"}, "m-1"))
+        dispatcher.submit(delivery)
+        await eventually(lambda: dispatcher.settle_failures == 1)
+
+    samples = await worker_metrics(tmp_path, settle_fails)
+    assert samples["incidentd_settle_failures_total"] == 1
+
+
+async def test_metrics_show_build_info_and_process_usage_and_no_created_series(tmp_path: Path) -> None:
+    """/metrics names the running version and shows the process's memory and CPU; no counter or
+    histogram exports a *_created series (checked by worker_metrics for every test here)."""
+
+    async def nothing(dispatcher: Dispatcher) -> None:
+        pass
+
+    samples = await worker_metrics(tmp_path, nothing)
+    assert samples["process_resident_memory_bytes"] > 10_000_000
+    assert samples["process_cpu_seconds_total"] > 0
+    registry = Metrics().registry
+    info = {
+        s.labels["version"] for f in registry.collect() for s in f.samples if s.name.endswith("build_info")
+    }
+    assert info == {version("incidentd")}
+
+
+async def test_active_incidents_name_at_most_the_busiest_services() -> None:
+    """A flood of distinct service labels cannot grow incidentd_incidents_active without bound: the 50
+    services with most unresolved incidents keep their name, the rest are summed as "other", and the
+    total is unchanged."""
+
+    class Store:
+        async def count_active(self) -> dict[tuple[str, str], int]:
+            busy = {("critical", f"busy-{i}"): 10 for i in range(MAX_ACTIVE_SERVICES)}
+            return busy | {("high", f"quiet-{i}"): 1 for i in range(500)} | {("critical", "quiet-0"): 2}
+
+    registry = CollectorRegistry()
+    metrics = IncidentMetrics(registry)
+    await metrics.refresh(Store())  # type: ignore[arg-type]
+    samples = {
+        (s.labels["severity"], s.labels["service"]): s.value
+        for f in registry.collect()
+        for s in f.samples
+        if s.name == "incidentd_incidents_active"
+    }
+    assert len({service for _, service in samples}) == MAX_ACTIVE_SERVICES + 1
+    assert samples[("critical", "busy-7")] == 10
+    assert (samples[("high", OTHER_SERVICE)], samples[("critical", OTHER_SERVICE)]) == (500, 2)
+    assert sum(samples.values()) == MAX_ACTIVE_SERVICES * 10 + 502

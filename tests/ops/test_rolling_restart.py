@@ -166,13 +166,14 @@ class Pod:
         await eventually(probe, timeout=60)
 
     async def busy(self, at_least: int = CONCURRENCY + 1, timeout: float = 5.0) -> None:
-        """Until the pod's in-flight gauge shows ``at_least`` deliveries (by default: every handler slot
-        busy and one more waiting), or ``timeout`` passes; the test then checks what the pod itself
-        logged at SIGTERM."""
+        """Until the pod's in-flight and waiting gauges add up to ``at_least`` deliveries (by default:
+        every handler slot busy and one more waiting), or ``timeout`` passes; the test then checks what
+        the pod itself logged at SIGTERM."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             metrics = (await get(f"http://127.0.0.1:{self.port}/metrics"))[1]
-            if (sample(metrics, "incidentd_messages_in_flight") or 0) >= at_least:
+            held = sample(metrics, "incidentd_messages_in_flight") or 0
+            if held + (sample(metrics, "incidentd_messages_waiting") or 0) >= at_least:
                 return
             await asyncio.sleep(0.005)
 

@@ -508,7 +508,8 @@ def _show_analysis(incident: Incident) -> None:
     answer = record.answer
     assert answer is not None
     click.echo(
-        f"analysis ({record.at.isoformat()}, {printable(record.model)}, {record.outcome}; a suggestion, not an action):"
+        f"analysis ({record.at.isoformat()}, {printable(record.model)}, {record.outcome};"
+        " a suggestion, not an action):"
     )
     click.echo(f"  {printable(answer.summary)}")
     for cause in answer.probable_causes:

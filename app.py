@@ -24,7 +24,8 @@ from application.incidents import Incident
 from application.messages import TYPE_ATTR, Message, Outcome
 from application.ports import Broker, DeadLetterQueue
 from application.worker import run_worker
-from common.startup import StartupError, Stopped, describe, wait_for
+from common.redact import describe
+from common.startup import StartupError, Stopped, wait_for
 from config.container import Container
 from config.settings import Settings, SettingsError, load_with_origins, shown
 

@@ -34,6 +34,19 @@ _ALWAYS = frozenset({"message.dead_lettered", "startup.waiting"})
 _WARNING = logging.WARNING
 _LEVELS = {**logging.getLevelNamesMapping(), "EXCEPTION": logging.ERROR}
 # Values of these keys are incidentd's own identifiers or numbers: never secrets, never scanned.
+# Client libraries' informational lines ("Reconnecting after 5 seconds" for a connection that is not
+# reconnecting) are not the worker's events: below debug, only their warnings and errors are written.
+_CHATTY = (
+    "aio_pika",
+    "aiormq",
+    "asyncpg",
+    "google",
+    "grpc",
+    "urllib3",
+    "botocore",
+    "aiobotocore",
+    "kubernetes_asyncio",
+)
 _SAFE_KEYS = frozenset({"event", "level", "timestamp", "logger", "message_id", "command_type", "attempt"})
 
 
@@ -121,6 +134,8 @@ class _Handler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self._write(self.format(record))
+        except structlog.DropEvent:  # held back by RepeatLimiter; a BaseException, never the caller's
+            return
         except Exception:
             self.handleError(record)
 
@@ -184,6 +199,10 @@ def configure_logging(
             root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric_level)
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(
+            logging.NOTSET if numeric_level <= logging.DEBUG else max(numeric_level, logging.WARNING)
+        )
     _installed = handler
     logging.captureWarnings(True)
     threading.excepthook = _thread_crashed

@@ -73,3 +73,10 @@ def redact(text: str) -> str:
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text
+
+
+def describe(exc: BaseException) -> str:
+    """One line: the exception's type and message (its cause's when it has none), secrets masked."""
+    text = str(exc) or (str(exc.__cause__) if exc.__cause__ else "")
+    text = " ".join(text.split())  # one line, whatever the library put in it
+    return redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)

@@ -27,7 +27,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from common.redact import redact
+from common.redact import describe, redact
 
 T = TypeVar("T")
 log = structlog.get_logger("incidentd.startup")
@@ -41,13 +41,6 @@ class StartupError(Exception):
 
 class Stopped(Exception):
     """SIGTERM / SIGINT arrived while waiting: stop waiting, exit cleanly."""
-
-
-def describe(exc: BaseException) -> str:
-    """One line: the exception's type and message (its cause's when it has none), secrets masked."""
-    text = str(exc) or (str(exc.__cause__) if exc.__cause__ else "")
-    text = " ".join(text.split())  # one line, whatever the library put in it
-    return redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
 
 def retryable(exc: BaseException) -> bool:
@@ -92,7 +85,7 @@ async def wait_for(
         log.warning(
             "startup.waiting", service=service, target=shown, attempt=state.attempt_number,
             error=describe(exc) if exc else "", retry_in=round(state.upcoming_sleep, 2),
-            waited=round(time.monotonic() - started, 1), timeout=timeout,
+            waited=round(time.monotonic() - started, 1), timeout=round(timeout, 1),
         )  # fmt: skip
 
     retrying = AsyncRetrying(
@@ -115,8 +108,8 @@ async def wait_for(
     except Exception as exc:
         waited = time.monotonic() - started
         error = "no answer in time (TimeoutError)" if isinstance(exc, TimeoutError) else describe(exc)
-        gave_up = f" (gave up after {waited:.0f}s, {attempts} attempts)" if retryable(exc) else ""
-        raise StartupError(f"cannot reach the {service} at {shown}: {error}{gave_up}") from exc
+        gave_up = f" (gave up after {attempts} attempts in {waited:.0f}s)" if retryable(exc) else ""
+        raise StartupError(f"cannot connect to the {service} at {shown}: {error}{gave_up}") from exc
     if attempts > 1:
         log.info("startup.connected", service=service, target=shown, attempts=attempts,
                  waited=round(time.monotonic() - started, 1))  # fmt: skip

@@ -55,5 +55,5 @@ def test_unknown_key_in_the_config_file_is_an_error(tmp_path):
     """A typo in the config file is reported instead of silently ignored."""
     config = tmp_path / "incidentd.json"
     config.write_text(json.dumps({"concurency": 7}))
-    with pytest.raises(SettingsError, match="unknown setting 'concurency' .*did you mean 'concurrency'"):
+    with pytest.raises(SettingsError, match=r"unknown setting 'concurency' .*did you mean 'concurrency'"):
         load(config)

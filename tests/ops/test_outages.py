@@ -137,3 +137,74 @@ def _waiting(log: Path) -> list[dict[str, Any]]:
 
 async def _is(value: Any, expected: object) -> bool:
     return await value == expected  # type: ignore[no-any-return]
+
+
+async def test_a_postgresql_outage_while_processing_is_retried_without_a_traceback_per_message(
+    settings: Settings,  # noqa: F811
+    tmp_path: Path,
+    pg_schema: str,  # noqa: F811
+) -> None:
+    """PostgreSQL goes away while 40 incident.create messages arrive: each failure is a TransientError
+    ("PostgreSQL unavailable: ..."; retried in-process, then redelivered), never an unexpected error with
+    a traceback; identical retry lines are held back (a later one says how many with `repeated`), so
+    the log has far fewer lines than failed deliveries; once the database is back every message becomes
+    its incident, and stderr stayed one JSON object per line."""
+    import asyncpg
+
+    from infra.rabbitmq import open_broker
+
+    postgres_available()
+    log, count = tmp_path / "worker.log", 40
+    try:
+        async with proxy_for(PG_DSN, 5432) as link:
+            env = env_of({
+                "broker": "rabbitmq", "rabbitmq_url": settings.rabbitmq_url,
+                "rabbitmq_queue": settings.rabbitmq_queue, "rabbitmq_exchange": settings.rabbitmq_exchange,
+                "retry_backoff": [0.5], "max_attempts": 100, "store": "postgres",
+                "postgres_dsn": link.url(PG_DSN), "postgres_schema": pg_schema, "ops_enabled": False,
+                "log_repeat_window": 1, "sqlite_path": str(tmp_path / "incidentd.db"),
+            })  # fmt: skip
+            with worker_process(env, log) as worker:
+                await eventually(lambda: "worker.started" in log.read_text(), timeout=60)
+                async with open_broker(settings) as broker, link.outage():
+                    for n in range(count):
+                        body = json.dumps({"title": f"outage {n}", "dedup_key": f"outage-{n}"}).encode()
+                        await broker.publisher.publish(body, {"type": "incident.create"})
+                    # Until a retry line, a window after an identical one, counts those held back.
+                    await eventually(
+                        lambda: any(e.get("repeated", 0) > 0 for e in _retry_lines(log)), timeout=60
+                    )
+                conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
+                try:
+
+                    async def all_stored() -> bool:
+                        return await conn.fetchval("SELECT count(*) FROM incidents") == count  # type: ignore[no-any-return]
+
+                    await eventually(all_stored, timeout=90)
+                finally:
+                    await conn.close()
+                assert await sigterm(worker) == 0, log.read_text()[-3000:]
+    finally:
+        await drop_schema(pg_schema)
+    events = json_lines(log)
+    # asyncpg's pool may log its own reconnection failure with a traceback (once per window, held back
+    # like any repeated line); incidentd logs none, and none per message.
+    tracebacks = [e for e in events if "exception" in e]
+    assert len(tracebacks) < 10 and all(e.get("logger", "").startswith("asyncpg") for e in tracebacks)
+    assert not [e for e in events if e["event"] == "handler.unexpected_error"]
+    retries = [e for e in events if e["event"] == "message.retry"]
+    assert retries and all(e["reason"].startswith("PostgreSQL unavailable: ") for e in retries)
+    assert len([e for e in events if e["level"] in ("warning", "error")]) < count
+    assert any(e.get("repeated", 0) > 0 for e in retries)
+
+
+def _retry_lines(log: Path) -> list[dict[str, Any]]:
+    found = []
+    for line in log.read_text().splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if doc.get("event") == "message.retry":
+            found.append(doc)
+    return found

@@ -47,7 +47,7 @@ _CHATTY = (
     "aiobotocore",
     "kubernetes_asyncio",
 )
-_SAFE_KEYS = frozenset({"event", "level", "timestamp", "logger", "message_id", "command_type", "attempt"})
+_SAFE_KEYS = frozenset({"level", "timestamp", "logger", "message_id", "command_type", "attempt"})
 
 
 class RepeatLimiter:

@@ -48,18 +48,21 @@ _SUSPECT = re.compile(
 )
 
 _secrets: set[str] = set()
+_MIN_LENGTH = 8
 
 
 def register_secret(value: str | None) -> None:
     """Replace ``value`` wherever it appears from now on (and, for a URL, its password on its own)."""
-    if not value or len(value) < 4:  # too short to be a secret worth masking; masking it would garble text
+    # A value this short ("guest") is too likely to be an ordinary word; masking it would garble lines
+    # (URLs are still masked by shape).
+    if not value or len(value) < _MIN_LENGTH:
         return
     _secrets.add(value)
     try:
         password = urlsplit(value).password
     except ValueError:
         password = None
-    if password and len(password) >= 4:
+    if password and len(password) >= _MIN_LENGTH:
         _secrets.add(password)
 
 

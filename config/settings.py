@@ -61,7 +61,8 @@ def url_problem(value: str, schemes: tuple[str, ...], *, host: bool = True) -> s
     except ValueError:
         return "not a valid URL"
     if parts.scheme not in schemes:
-        shown = f"'{parts.scheme}'" if parts.scheme else "none"
+        # "user:password@host" parses as scheme "user": name a scheme only when it is one.
+        shown = f"'{parts.scheme}'" if parts.scheme and "://" in value else "none"
         return f"URL scheme must be {' or '.join(schemes)} (found {shown})"
     if host and not parts.hostname:
         return "URL has no host"

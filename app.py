@@ -224,7 +224,7 @@ async def _start_ops(settings: Settings, container: Container) -> OpsServer | No
     metrics = container.metrics()
 
     def starting() -> bool:
-        raise _Starting("waiting for the broker and the store")
+        raise Starting("waiting for the broker and the store")
 
     server = OpsServer(
         metrics.registry,
@@ -238,7 +238,7 @@ async def _start_ops(settings: Settings, container: Container) -> OpsServer | No
     return server
 
 
-class _Starting(Exception):
+class Starting(Exception):
     """The /readyz reason while the worker is still connecting."""
 
 

@@ -65,7 +65,8 @@ class RepeatLimiter:
     def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
         if self._window <= 0 or _LEVELS.get(method.upper(), logging.INFO) < _WARNING:
             return event_dict
-        if event_dict.get("event") in _ALWAYS:
+        # A hand-back at shutdown (RETRY with delay 0) is bounded by the prefetch and tells the drain's story.
+        if event_dict.get("event") in _ALWAYS or event_dict.get("delay", None) == 0:
             return event_dict
         key = _identity(method, event_dict)
         now = self._clock()

@@ -102,7 +102,8 @@ def test_secrets_are_masked_in_every_logged_text(stderr: Stderr) -> None:
 
 def test_identical_warnings_are_written_once_per_window_with_a_count() -> None:
     """The same warning for message after message (a database outage) passes once per window; the first
-    one after the window says how many were held back. Other lines, and dead letters, always pass."""
+    one after the window says how many were held back. Other lines, dead letters and shutdown hand-backs
+    always pass."""
     now = [0.0]
     limiter = RepeatLimiter(window=10, clock=lambda: now[0])
 
@@ -119,6 +120,8 @@ def test_identical_warnings_are_written_once_per_window_with_a_count() -> None:
     assert passes("info", reason="db down") is not None
     dead = {"event": "message.dead_lettered", "reason": "db down"}
     assert limiter(None, "error", dict(dead)) and limiter(None, "error", dict(dead))
+    handed_back = {"event": "message.retry", "reason": "worker is shutting down; not started", "delay": 0.0}
+    assert limiter(None, "warning", dict(handed_back)) and limiter(None, "warning", dict(handed_back))
     now[0] = 11.0
     assert passes("warning", reason="db down", message_id="50") == {
         "event": "message.retry", "reason": "db down", "message_id": "50", "repeated": 48,

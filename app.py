@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+import structlog
 
 from application.dispatcher import Dispatcher
 from application.errors import BrokerOperationError
@@ -24,7 +25,7 @@ from application.incidents import Incident
 from application.messages import TYPE_ATTR, Message, Outcome
 from application.ports import Broker, DeadLetterQueue
 from application.worker import run_worker
-from common.redact import describe
+from common.redact import describe, redact
 from common.startup import StartupError, Stopped, wait_for
 from config.container import Container
 from config.settings import Settings, SettingsError, load_with_origins, shown
@@ -62,8 +63,6 @@ class _Cli(click.Group):
 
 def _fail(exc: Exception, *, debug: bool, command: str) -> None:
     message = str(exc) if isinstance(exc, StartupError) else describe(exc)
-    import structlog
-
     if structlog.is_configured():
         structlog.get_logger("incidentd").error(
             "command.failed", command=command, error=message, exc_info=exc if debug else None
@@ -132,10 +131,12 @@ async def _worker(settings: Settings, from_file: Path | None) -> None:
         ops = await _start_ops(settings, container) if from_file is None else None
         try:
             broker = await _connect(settings, container, stop)
-        except Stopped:
+        except (Stopped, StartupError) as exc:
             if ops is not None:
                 await ops.stop()
-            return
+            if isinstance(exc, StartupError):
+                raise
+            return  # SIGTERM while waiting: nothing was started, nothing to drain
         counts: collections.Counter[str] = collections.Counter()
         container.observers.add_args(_counter(counts))
         # A Future, not the object: the dispatcher's dependencies are async Resources.
@@ -165,10 +166,6 @@ async def _worker(settings: Settings, from_file: Path | None) -> None:
 
 def _log_start(settings: Settings, *, ops: bool) -> None:
     """One line saying what this worker is about to use (secrets masked)."""
-    import structlog
-
-    from common.redact import redact
-
     source = {"rabbitmq": settings.rabbitmq_queue, "pubsub": settings.pubsub_subscription}
     store = {"postgres": redact(settings.postgres_dsn), "sqlite": str(settings.sqlite_path)}
     structlog.get_logger("incidentd.worker").info(

@@ -199,15 +199,22 @@ async def _connect(settings: Settings, container: Container, stop: asyncio.Event
         return max(deadline - asyncio.get_running_loop().time(), 0.0)
 
     async def broker_up() -> Broker:
-        broker: Broker = await container.broker()
-        ping = getattr(broker, "ping", None)  # Pub/Sub: one bounded call, not the client's 60 s retry
-        if ping is not None:
-            await ping(timeout=min(max(left(), 1.0), 10.0))
+        broker = await _broker(container, timeout=min(max(left(), 1.0), 10.0))
         await broker.setup()
         return broker
 
     broker = await wait_for("broker", broker_at, broker_up, timeout=left(), stop=stop)
     await wait_for("store", store_at, container.store, timeout=left(), stop=stop)
+    return broker
+
+
+async def _broker(container: Container, timeout: float = 10.0) -> Broker:
+    """The broker, reachable: Pub/Sub's clients connect lazily and retry for a minute in silence, so one
+    bounded call (``ping``) makes a wrong or unreachable endpoint an error within ``timeout``."""
+    broker: Broker = await container.broker()
+    ping = getattr(broker, "ping", None)
+    if ping is not None:
+        await ping(timeout=timeout)
     return broker
 
 
@@ -324,7 +331,7 @@ def publish(ctx: click.Context, type_name: str, source: Any, attribute: tuple[st
 
 async def _publish(settings: Settings, body: bytes, attributes: dict[str, str]) -> str:
     async with _container(settings) as container:
-        broker: Broker = await container.broker()
+        broker = await _broker(container)
         try:
             return await broker.publisher.publish(body, attributes)
         except BrokerOperationError as exc:  # not confirmed: say so, exit 1
@@ -488,7 +495,7 @@ def dlq_purge(ctx: click.Context, limit: int | None, dry_run: bool, yes: bool) -
 
 async def _dead_letters(settings: Settings, operation: Callable[[DeadLetterQueue], Awaitable[T]]) -> T:
     async with _container(settings) as container:
-        broker: Broker = await container.broker()
+        broker = await _broker(container)
         try:
             return await operation(broker.dead_letters)
         except BrokerOperationError as exc:

@@ -160,3 +160,24 @@ def test_pubsub_without_credentials_is_one_line(env: dict[str, str], tmp_path: P
     lines = [json.loads(x) for x in result.stderr.splitlines()]
     [failed] = [x for x in lines if x["level"] == "error"]
     assert "DefaultCredentialsError" in failed["error"] and "exception" not in failed
+
+
+@pytest.mark.parametrize("args", [("dlq", "list"), ("publish", "incident.create", "-")])
+def test_pubsub_commands_against_an_unreachable_emulator_fail_in_seconds(
+    env: dict[str, str], args: tuple[str, ...]
+) -> None:
+    """`dlq list` and `publish` do not wait for the client's minute of silent retries (or the publish
+    timeout): one bounded call first, then one line and exit 1."""
+    env |= {
+        "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{free_port()}", "INCIDENTD_BROKER": "pubsub",
+        "INCIDENTD_PUBSUB_PROJECT": "incidentd-test",
+    }  # fmt: skip
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
+        input='{"title": "x"}', timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert time.monotonic() - started < 25
+    [line] = [json.loads(x) for x in result.stderr.splitlines()]
+    assert line["event"] == "command.failed" and "ServiceUnavailable" in line["error"]

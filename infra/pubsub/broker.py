@@ -43,11 +43,12 @@ class PubSubBroker:
     async def ping(self, timeout: float = 10.0) -> None:
         """One call with a deadline and no client-side retry, so that an unreachable endpoint (or a
         wrong emulator host) is an error within ``timeout`` rather than the client's minute of silent
-        retrying. A topic that does not exist yet still counts as reachable."""
-        from google.api_core.exceptions import NotFound
+        retrying. A topic that does not exist yet, and a denied ``GetTopic`` (a worker's least-privilege
+        roles, subscriber + publisher, do not grant it), still prove the endpoint and the credentials."""
+        from google.api_core.exceptions import NotFound, PermissionDenied
 
         def get_topic() -> None:
-            with contextlib.suppress(NotFound):
+            with contextlib.suppress(NotFound, PermissionDenied):
                 self._publisher_client.get_topic(
                     request={"topic": self.topology.topic_path}, timeout=timeout, retry=None
                 )

@@ -199,7 +199,7 @@ async def _connect(settings: Settings, container: Container, stop: asyncio.Event
         return max(deadline - asyncio.get_running_loop().time(), 0.0)
 
     async def broker_up() -> Broker:
-        broker = await _broker(container, timeout=min(max(left(), 1.0), 10.0))
+        broker = await _broker(container, timeout=min(max(left() / 2, 1.0), 10.0))
         await broker.setup()
         return broker
 

@@ -128,11 +128,11 @@ def test_a_slack_webhook_file_without_a_scheme_stops_start_up_with_one_line(
 
 
 def test_pubsub_setup_against_an_unreachable_emulator_fails_fast_with_one_line(env: dict[str, str]) -> None:
-    """An emulator host nothing listens on: `setup` retries for INCIDENTD_STARTUP_TIMEOUT (here 3 s), one
+    """An emulator host nothing listens on: `setup` retries for INCIDENTD_STARTUP_TIMEOUT (here 6 s), one
     line per attempt, then exits 1 with one line, instead of hanging silently for 90 s."""
     env |= {
         "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{free_port()}", "INCIDENTD_BROKER": "pubsub",
-        "INCIDENTD_PUBSUB_PROJECT": "incidentd-test", "INCIDENTD_STARTUP_TIMEOUT": "3",
+        "INCIDENTD_PUBSUB_PROJECT": "incidentd-test", "INCIDENTD_STARTUP_TIMEOUT": "6",
     }  # fmt: skip
     started = time.monotonic()
     result = run(env, "setup", timeout=60)

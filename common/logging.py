@@ -109,7 +109,11 @@ def _exception_summary(exc_info: Any) -> str:
 def redact_secrets(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
     """A processor: every string in the line (tracebacks included) with secrets masked."""
     for name, value in event_dict.items():
-        if name not in _SAFE_KEYS:
+        if name in _SAFE_KEYS:
+            continue
+        if type(value) is str:
+            event_dict[name] = redact(value)
+        elif isinstance(value, dict | list | tuple):
             event_dict[name] = _redacted(value)
     return event_dict
 

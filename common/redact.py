@@ -14,6 +14,7 @@ What is left visible is enough to tell which endpoint was meant (``amqp://guest:
 
 from __future__ import annotations
 
+import functools
 import re
 from urllib.parse import urlsplit
 
@@ -64,8 +65,12 @@ def register_secret(value: str | None) -> None:
         password = None
     if password and len(password) >= _MIN_LENGTH:
         _secrets.add(password)
+    redact.cache_clear()
 
 
+# Cached: most logged strings (event names, reasons during an outage) repeat, and a hit costs a dict
+# lookup instead of a regular-expression scan. Cleared when a secret is registered.
+@functools.lru_cache(maxsize=4096)
 def redact(text: str) -> str:
     """``text`` with every registered secret and every secret-shaped part masked."""
     for secret in _secrets:

@@ -25,9 +25,11 @@ from application.incidents import Incident
 from application.messages import TYPE_ATTR
 from application.ports import Broker, DeadLetterQueue
 from application.worker import run_worker
+from common.redact import describe, redact
+from common.startup import StartupError, Stopped, wait_for
 from common.text import printable
 from config.container import Container
-from config.settings import Settings, SettingsError, load
+from config.settings import Settings, SettingsError, load_with_origins, shown
 
 if TYPE_CHECKING:
     from infra.ops import OpsServer
@@ -36,25 +38,62 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("incidentd")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+class _Cli(click.Group):
+    """Every failure of every command is one line (a JSON log line once JSON logging is set up, else
+    ``incidentd: ...``) and exit 1; the traceback only with ``--debug``. Ctrl-C is exit 130, quietly."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            ctx.exit(130)
+        except Exception as exc:
+            _fail(exc, debug=bool(ctx.params.get("debug")), command=ctx.invoked_subcommand or "")
+            ctx.exit(1)
+
+
+def _fail(exc: Exception, *, debug: bool, command: str) -> None:
+    message = str(exc) if isinstance(exc, StartupError) else describe(exc)
+    if structlog.is_configured():
+        structlog.get_logger("incidentd").error(
+            "command.failed", command=command, error=message, exc_info=exc if debug else None
+        )
+        return
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    click.echo(f"incidentd: {message}", err=True)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="JSON file of settings (environment variables INCIDENTD_* take precedence).",
 )
+@click.option("--debug", is_flag=True, help="On failure, show the traceback (without it: one line).")
+@click.version_option(_version(), "--version", prog_name="incidentd", message="%(prog)s %(version)s")
 @click.pass_context
-def cli(ctx: click.Context, config_file: Path | None) -> None:
+def cli(ctx: click.Context, config_file: Path | None, debug: bool) -> None:
     """incidentd: turns operational events into incidents and actions."""
     ctx.obj = config_file
 
 
 def _settings(ctx: click.Context, **overrides: Any) -> Settings:
-    try:
-        return load(ctx.obj, **overrides)
-    except SettingsError as exc:
-        click.echo(f"incidentd: {exc}", err=True)
-        sys.exit(2)
+    return _settings_with_origins(ctx, **overrides)[0]
 
 
 @asynccontextmanager
@@ -90,7 +129,7 @@ async def _container(settings: Settings) -> AsyncIterator[Container]:
 def worker(ctx: click.Context, from_file: Path | None, strict: bool, limit: int) -> None:
     """Consume messages until SIGTERM / SIGINT, then drain and exit 0."""
     if from_file is None:
-        asyncio.run(_worker(_settings(ctx), None))
+        asyncio.run(_worker(_settings(ctx)))
         return
     settings = _settings(ctx)
     # The file is fed into this process's own queue: pinned to the embedded broker, so that a pod's
@@ -101,17 +140,26 @@ def worker(ctx: click.Context, from_file: Path | None, strict: bool, limit: int)
     sys.exit(status)
 
 
-async def _worker(settings: Settings, from_file: Path | None) -> None:
+async def _worker(settings: Settings) -> None:
     async with _container(settings) as container:
-        broker: Broker = await container.broker()
-        # A Future, not the object: the dispatcher's dependencies are async Resources.
-        dispatcher: Dispatcher = await container.dispatcher()  # type: ignore[misc]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await broker.setup()
-        ops = await _start_ops(settings, container, broker, dispatcher)
+        _log_start(settings, ops=True)
+        ops = await _start_ops(settings, container)
+        try:
+            broker = await _connect(settings, container, stop)
+        except (Stopped, StartupError) as exc:
+            if ops is not None:
+                await ops.stop()
+            if isinstance(exc, StartupError):
+                raise
+            return  # SIGTERM while waiting: nothing was started, nothing to drain
+        # A Future, not the object: the dispatcher's dependencies are async Resources.
+        dispatcher: Dispatcher = await container.dispatcher()  # type: ignore[misc]
+        if ops is not None:
+            await _ops_ready(ops, container, broker, dispatcher)
         # retention and archival every maintenance_interval (docs/operations.md)
         await container.maintenance_loop()  # type: ignore[misc]
         report = await run_worker(
@@ -187,31 +235,100 @@ def _position(stream: Any, stdin: bool) -> Callable[[], int]:
     return (lambda: 0) if stdin else stream.tell
 
 
-async def _start_ops(
-    settings: Settings, container: Container, broker: Broker, dispatcher: Dispatcher
-) -> OpsServer | None:
-    """The ops server (/healthz, /readyz, /metrics) of a long-running worker; docs/operations.md."""
+def _log_start(settings: Settings, *, ops: bool) -> None:
+    """One line saying what this worker is about to use (secrets masked)."""
+    source = {"rabbitmq": settings.rabbitmq_queue, "pubsub": settings.pubsub_subscription}
+    store = {"postgres": redact(settings.postgres_dsn), "sqlite": str(settings.sqlite_path)}
+    structlog.get_logger("incidentd.worker").info(
+        "worker.starting", version=_version(), broker=settings.broker,
+        queue=source.get(settings.broker, "(in-process)"), store=settings.store,
+        store_at=store[settings.store], schema=settings.postgres_schema or None,
+        concurrency=settings.concurrency,
+        ops=f"{settings.ops_host}:{settings.ops_port}" if ops and settings.ops_enabled else None,
+        startup_timeout=settings.startup_timeout,
+    )  # fmt: skip
+
+
+def _targets(settings: Settings) -> tuple[str, str]:
+    """Where the broker and the store are, for start-up lines and errors (masked when shown)."""
+    broker = {
+        "rabbitmq": settings.rabbitmq_url,
+        "pubsub": os.environ.get("PUBSUB_EMULATOR_HOST") or f"projects/{settings.pubsub_project}",
+        "memory": "(in-process)",
+    }[settings.broker]
+    store = settings.postgres_dsn if settings.store == "postgres" else str(settings.sqlite_path)
+    return broker, store
+
+
+async def _connect(settings: Settings, container: Container, stop: asyncio.Event | None = None) -> Broker:
+    """Reach the broker (and declare its topology) and the store, each retried with backoff for up to
+    ``startup_timeout`` seconds in all (common/startup.py); StartupError after that."""
+    broker_at, store_at = _targets(settings)
+    deadline = asyncio.get_running_loop().time() + settings.startup_timeout
+
+    def left() -> float:
+        return max(deadline - asyncio.get_running_loop().time(), 0.0)
+
+    async def broker_up() -> Broker:
+        broker = await _broker(container, timeout=min(max(left() / 2, 1.0), 10.0))
+        await broker.setup()
+        return broker
+
+    broker = await wait_for("broker", broker_at, broker_up, timeout=left(), stop=stop)
+    await wait_for("store", store_at, container.store, timeout=left(), stop=stop)
+    return broker
+
+
+async def _broker(container: Container, timeout: float = 10.0) -> Broker:
+    """The broker, reachable: Pub/Sub's clients connect lazily and retry for a minute in silence, so one
+    bounded call (``ping``) makes a wrong or unreachable endpoint an error within ``timeout``."""
+    broker: Broker = await container.broker()
+    ping = getattr(broker, "ping", None)
+    if ping is not None:
+        await ping(timeout=timeout)
+    return broker
+
+
+async def _start_ops(settings: Settings, container: Container) -> OpsServer | None:
+    """The ops server (/healthz, /readyz, /metrics) of a long-running worker; docs/operations.md. Started
+    before the broker and store are reached: /healthz is 200 and /readyz 503 while the worker waits."""
     if not settings.ops_enabled:
         return None
     from infra.ops import OpsServer
 
     metrics = container.metrics()
-    metrics.track_in_flight(lambda: dispatcher.in_flight - dispatcher.waiting)
-    metrics.track_waiting(lambda: dispatcher.waiting)
-    metrics.track_settle_failures(lambda: dispatcher.settle_failures)
-    store = await container.store()
+
+    def starting() -> bool:
+        raise Starting("waiting for the broker and the store")
+
     server = OpsServer(
         metrics.registry,
         host=settings.ops_host,
         port=settings.ops_port,
-        checks={"broker": lambda: broker.subscriber.connected, "store": store.ping},
+        checks={"startup": starting},
         loop_lag_threshold=settings.ops_loop_lag_threshold,
         on_lag=metrics.loop_lag.set,
     )
     await server.start()
+    return server
+
+
+class Starting(Exception):
+    """The /readyz reason while the worker is still connecting."""
+
+
+async def _ops_ready(ops: OpsServer, container: Container, broker: Broker, dispatcher: Dispatcher) -> None:
+    """Connected: readiness now follows the broker connection and the store's ping."""
+    metrics = container.metrics()
+    metrics.track_in_flight(lambda: dispatcher.in_flight - dispatcher.waiting)
+    metrics.track_waiting(lambda: dispatcher.waiting)
+    metrics.track_settle_failures(lambda: dispatcher.settle_failures)
+    store = await container.store()
+    ops.add_check("broker", lambda: broker.subscriber.connected)
+    ops.add_check("store", store.ping)
+    ops.remove_check("startup")
     # Refreshes incidents-active from the store while the worker runs (an async Resource: awaitable).
     await container.incident_gauge()  # type: ignore[misc]
-    return server
 
 
 def _summary(counts: dict[str, int], incidents: list[Incident], total: int) -> str:
@@ -328,10 +445,11 @@ async def _ingest(settings: Settings, auth: AuthPlan) -> None:
 
 async def _run(settings: Settings, auth: AuthPlan) -> None:
     async with _container(settings) as container:
-        broker: Broker = await container.broker()
+        ops = await _start_ops(settings, container)
+        broker = await _connect(settings, container)
         dispatcher: Dispatcher = await container.dispatcher()  # type: ignore[misc]
-        await broker.setup()
-        ops = await _start_ops(settings, container, broker, dispatcher)
+        if ops is not None:
+            await _ops_ready(ops, container, broker, dispatcher)
         server = await _front_door(settings, container, broker, auth)
         term, stop = _stop_on_signals(), asyncio.Event()
 
@@ -381,7 +499,7 @@ def publish(ctx: click.Context, type_name: str, source: Any, attribute: tuple[st
 
 async def _publish(settings: Settings, body: bytes, attributes: dict[str, str]) -> str:
     async with _container(settings) as container:
-        broker: Broker = await container.broker()
+        broker = await _broker(container)
         try:
             return await broker.publisher.publish(body, attributes)
         except BrokerOperationError as exc:  # not confirmed: say so, exit 1
@@ -589,7 +707,7 @@ def dlq_purge(ctx: click.Context, limit: int | None, dry_run: bool, yes: bool) -
 
 async def _dead_letters(settings: Settings, operation: Callable[[DeadLetterQueue], Awaitable[T]]) -> T:
     async with _container(settings) as container:
-        broker: Broker = await container.broker()
+        broker = await _broker(container)
         try:
             return await operation(broker.dead_letters)
         except BrokerOperationError as exc:
@@ -646,10 +764,68 @@ def setup(ctx: click.Context) -> None:
 
 async def _setup(settings: Settings) -> None:
     async with _container(settings) as container:
-        broker: Broker = await container.broker()
-        await broker.setup()
-        await container.store()
+        await _connect(settings, container)  # waits for the servers, like a worker (the setup Job)
     click.echo(f"set up broker={settings.broker} store={settings.store}")
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+
+@cli.group()
+def config() -> None:
+    """Show or check the effective settings."""
+
+
+@config.command("show")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: name -> {value, source}.")
+@click.pass_context
+def config_show(ctx: click.Context, as_json: bool) -> None:
+    """Every setting's effective value (secrets masked) and where it came from: environment, secrets
+    file, config file or default."""
+    settings, origins = _settings_with_origins(ctx)
+    values = shown(settings)
+    if as_json:
+        click.echo(json.dumps({k: {"value": v, "source": origins[k]} for k, v in values.items()}, indent=2))
+        return
+    for name, value in values.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        click.echo(f"{name:36} {text}  ({origins[name]})")
+
+
+@config.command("check")
+@click.pass_context
+def config_check(ctx: click.Context) -> None:
+    """Validate the settings (and read the secret files they name) without starting anything: exit 0
+    and "ok", or exit 2 with one line per problem."""
+    settings, _ = _settings_with_origins(ctx)
+    from infra.secrets import read_secret
+
+    problems = []
+    for name in ("clickhouse_password", "github_token", "slack_default_webhook_url"):
+        try:
+            read_secret(getattr(settings, name), getattr(settings, f"{name}_file"))
+        except ValueError as exc:
+            problems.append(f"invalid setting {name}_file: {exc}")
+    for number, route in enumerate(settings.slack_routes):
+        try:
+            read_secret(route.webhook_url, route.webhook_url_file)
+        except ValueError as exc:
+            problems.append(f"invalid setting slack_routes.{number}.webhook_url_file: {exc}")
+    for line in problems:
+        click.echo(f"incidentd: {line}", err=True)
+    if problems:
+        sys.exit(2)
+    click.echo(f"ok: broker={settings.broker} store={settings.store}")
+
+
+def _settings_with_origins(ctx: click.Context, **overrides: Any) -> tuple[Settings, dict[str, str]]:
+    """The settings, or every problem with them on stderr (one line each) and exit 2."""
+    try:
+        return load_with_origins(ctx.obj, **overrides)
+    except SettingsError as exc:
+        for line in exc.problems:
+            click.echo(f"incidentd: {line}", err=True)
+        sys.exit(2)
 
 
 def main() -> None:

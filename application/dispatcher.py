@@ -3,9 +3,11 @@
 This module is the only place where an outcome is decided and settled:
 
 * decode error or :class:`PermanentError`  -> DEAD_LETTER at once;
-* :class:`TransientError` (and any unexpected exception, and a timeout) -> retried in-process with
-  exponential backoff and jitter (tenacity), then RETRY with the redelivery delay of the backoff schedule,
-  or DEAD_LETTER once the delivery attempt reaches ``max_attempts``;
+* :class:`TransientError` -> retried in-process with exponential backoff and jitter (tenacity), then RETRY
+  with the redelivery delay of the backoff schedule, or DEAD_LETTER once the delivery attempt reaches
+  ``max_attempts``;
+* a timeout (it covers the in-process retries) or any unexpected exception -> the same RETRY /
+  DEAD_LETTER, without in-process retries (the stores map their connection errors to TransientError);
 * cancellation (shutdown deadline) -> RETRY with no delay, settled under ``asyncio.shield``;
 * otherwise ACK.
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+from common.redact import redact
+
 # Attribute / header names incidentd itself sets. Brokers carry them as headers (RabbitMQ) or attributes
 # (Pub/Sub); the names are the same everywhere so a message can move between brokers (e.g. on replay).
 TYPE_ATTR = "type"
@@ -75,13 +77,14 @@ class Outcome:
     def ack(cls) -> Outcome:
         return _ACK
 
+    # Reasons are made from error texts and stored (dead-letter headers, the event lake): secrets masked.
     @classmethod
     def retry(cls, delay: float, reason: str, error: str = "") -> Outcome:
-        return cls(Disposition.RETRY, reason=reason, delay=delay, error=error)
+        return cls(Disposition.RETRY, reason=redact(reason), delay=delay, error=error)
 
     @classmethod
     def dead_letter(cls, reason: str, error: str = "") -> Outcome:
-        return cls(Disposition.DEAD_LETTER, reason=reason, error=error)
+        return cls(Disposition.DEAD_LETTER, reason=redact(reason), error=error)
 
 
 _ACK = Outcome(Disposition.ACK)

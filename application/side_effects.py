@@ -72,6 +72,7 @@ from application.ports import (
     PlannedAction,
     TrackedIssue,
 )
+from common.redact import redact
 
 log = structlog.get_logger("incidentd.side_effects")
 
@@ -122,8 +123,9 @@ async def deployment_facts(cluster: Cluster, namespace: str, name: str) -> dict[
     try:
         status = await cluster.deployment_status(namespace, name)
     except IncidentdError as exc:  # classified by the adapter; recorded, not retried (see the docstring)
-        summary = f"could not read Deployment {namespace}/{name}: {exc}"
-        return {**base, "found": None, "error": str(exc), "summary": summary}
+        error = redact(str(exc))  # stored on the incident: no URL password or token in it
+        summary = f"could not read Deployment {namespace}/{name}: {error}"
+        return {**base, "found": None, "error": error, "summary": summary}
     if isinstance(status, Missing):
         return {**base, "found": False, "missing": str(status), "summary": str(status)}
     return {**base, "found": True, **_status_facts(status), "summary": _status_summary(status)}
@@ -236,7 +238,7 @@ async def _run_actions(
         try:
             result = await actions.run(planned, incidents[0])
         except PermanentError as exc:
-            result = f"failed: {exc}"
+            result = f"failed: {redact(str(exc))}"
         log.info("action.done", rule=planned.rule, target=planned.target, result=result)
         for incident in incidents:
             results.setdefault(incident.id, []).append(f"{planned.rule}: {result}")

@@ -318,7 +318,10 @@ class Container(containers.DeclarativeContainer):
     settings = providers.Dependency(instance_of=Settings)
 
     logging = providers.Resource(
-        configure_logging, fmt=settings.provided.log_format, level=settings.provided.log_level
+        configure_logging,
+        fmt=settings.provided.log_format,
+        level=settings.provided.log_level,
+        repeat_window=settings.provided.log_repeat_window,
     )
     handlers = providers.Singleton(with_analysis, HANDLERS, settings.provided.ai_enabled)
     metrics = providers.Singleton(build_metrics, handlers)

@@ -1,15 +1,22 @@
-"""incidentd's settings: environment (``INCIDENTD_*``) over a JSON file (``--config``) over defaults.
+"""incidentd's settings: environment (``INCIDENTD_*``) over files in ``INCIDENTD_SECRETS_DIR`` over a JSON
+file (``--config``) over defaults.
 
 Settings are flat (``INCIDENTD_RABBITMQ_URL``, not nested) so that every setting has one obvious
-environment variable name and one key in the JSON file. They are validated once, at start-up; a bad value
-stops the process with one line naming the setting (see :func:`load`).
+environment variable name, one key in the JSON file and one file name in the secrets directory
+(``incidentd_rabbitmq_url``: a mounted Kubernetes Secret). They are validated once, at start-up; every bad
+value, unknown ``INCIDENTD_*`` name and undecodable JSON value is reported at once, one line each, naming
+the setting, where it came from and (for lists and maps) the place inside it (see :func:`load`).
 """
 
 from __future__ import annotations
 
+import contextvars
+import difflib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -21,15 +28,54 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings import SettingsError as SourceError
 
 from application.actions import AWS_ACTIONS, KUBERNETES_ACTIONS, ActionRule, rule_names
+from common.redact import redact, register_secret
 
 ENV_PREFIX = "INCIDENTD_"
 
 
 class SettingsError(Exception):
-    """A setting has a bad value; the message names it and says what is expected."""
+    """Settings with bad values; each of ``problems`` is one line naming a setting and what is wrong."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else problems
+        super().__init__("\n".join(self.problems))
+
+
+def url_problem(value: str, schemes: tuple[str, ...], *, host: bool = True) -> str | None:
+    """Why ``value`` is not a usable URL with one of ``schemes`` (None when it is). Never quotes the value:
+    URLs here carry passwords and webhook tokens."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return "not a valid URL"
+    if parts.scheme not in schemes:
+        # "user:password@host" parses as scheme "user": name a scheme only when it is one.
+        shown = f"'{parts.scheme}'" if parts.scheme and "://" in value else "none"
+        return f"URL scheme must be {' or '.join(schemes)} (found {shown})"
+    if host and not parts.hostname:
+        return "URL has no host"
+    return None
+
+
+def _check_url(value: str, schemes: tuple[str, ...], *, host: bool = True) -> None:
+    problem = url_problem(value, schemes, host=host)
+    if problem:
+        raise ValueError(problem)
+
+
+HTTP = ("https", "http")
 
 
 # --- adapters: Slack routes (issue 6) ---------------------------------------------------------------
@@ -54,6 +100,13 @@ class SlackRoute(BaseModel):
             raise ValueError("give exactly one of webhook_url or webhook_url_file")
         return self
 
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_is_a_url(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value():
+            _check_url(value.get_secret_value(), HTTP)
+        return value
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
@@ -73,6 +126,19 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(default=25.0, ge=0)
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Identical warning / error lines (the same event and error, whatever the message) within this many
+    # seconds are written once, the next one carrying "repeated": N (0: write every line).
+    log_repeat_window: float = Field(default=10.0, ge=0)
+    # How long `worker` and `setup` keep trying to reach the broker and the store at start-up.
+    startup_timeout: float = Field(default=60.0, ge=0)
+    # A directory holding settings as files named like the variables (incidentd_rabbitmq_url, ...): a
+    # mounted Kubernetes Secret. Only from the environment or the config file, not from itself.
+    secrets_dir: Path | None = None
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     # --- incidents ----------------------------------------------------------------------------------
     service_labels: list[str] = Field(default_factory=lambda: ["service", "job"])
@@ -94,6 +160,32 @@ class Settings(BaseSettings):
     rabbitmq_exchange: str = "incidentd"
     rabbitmq_queue: str = "incidentd"
     rabbitmq_queue_type: Literal["quorum", "classic"] = "quorum"
+
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _amqp_url(cls, value: str) -> str:
+        _check_url(value, ("amqp", "amqps"))
+        return value
+
+    @field_validator("postgres_dsn")
+    @classmethod
+    def _postgres_dsn(cls, value: str) -> str:
+        _check_url(value, ("postgresql", "postgres"), host=False)  # host may be in ?host= (a socket)
+        return value
+
+    @field_validator("github_api_url", "kubernetes_host", "aws_endpoint_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value:
+            _check_url(value, HTTP)
+        return value
+
+    @field_validator("slack_default_webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value():
+            _check_url(value.get_secret_value(), HTTP)
+        return value
 
     # --- pubsub (infra/pubsub; docs/pubsub.md) -----------------------------------------------------
     # Flow control is derived, like RabbitMQ's prefetch: at most 2 x concurrency messages outstanding.
@@ -344,26 +436,190 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # init_settings carries the JSON file's values (see load); the environment wins over them.
-        return (env_settings, init_settings)
+        # init_settings carries the JSON file's values (see load); the secrets directory wins over them,
+        # the environment over both.
+        secrets_dir = getattr(file_secret_settings, "secrets_dir", None)
+        return (_Env(settings_cls), _Secrets(settings_cls, secrets_dir=secrets_dir), init_settings)
+
+
+# --- loading: every problem at once, one line each ----------------------------------------------------
+
+# Undecodable JSON values seen by the sources of the load() under way: field name -> problem.
+_bad_json: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("bad_json")
+
+
+class _RecordBadJson:  # a mixin for the two sources below
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        """Bad JSON is one more problem to report with the others, not an exception ending the load."""
+        try:
+            return super().decode_complex_value(field_name, field, value)  # type: ignore[misc]
+        except ValueError as exc:
+            _bad_json.get({}).setdefault(field_name, f"not valid JSON ({exc})")
+            return value  # fails validation too; load() reports the JSON problem in its place
+
+
+class _Env(_RecordBadJson, EnvSettingsSource):
+    pass
+
+
+class _Secrets(_RecordBadJson, SecretsSettingsSource):
+    pass
+
+
+def _env_names() -> dict[str, str]:
+    """``INCIDENTD_*`` variables of the environment: upper-cased name -> name as given."""
+    return {name.upper(): name for name in os.environ if name.upper().startswith(ENV_PREFIX)}
+
+
+def _service_links(names: set[str]) -> set[str]:
+    """The variables Kubernetes adds for each Service of the namespace (``enableServiceLinks``): for a
+    Service ``incidentd-metrics``, ``INCIDENTD_METRICS_SERVICE_HOST``, ``..._PORT``, ``..._PORT_8080_TCP``...
+    Recognised by their ``_SERVICE_HOST`` anchor, so a typo ending in ``_PORT`` is still reported."""
+    bases = [n.removesuffix("_SERVICE_HOST") for n in names if n.endswith("_SERVICE_HOST")]
+    return {
+        n for n in names for b in bases
+        if n == f"{b}_SERVICE_HOST" or n.startswith(f"{b}_SERVICE_PORT") or n == f"{b}_PORT"
+        or n.startswith(f"{b}_PORT_")
+    }  # fmt: skip
+
+
+def _closest(name: str, as_key: bool = False) -> str:
+    match = difflib.get_close_matches(name, list(Settings.model_fields), n=1, cutoff=0.6)
+    if not match:
+        return ""
+    return f"; did you mean {match[0]!r}?" if as_key else f"; did you mean {ENV_PREFIX}{match[0].upper()}?"
+
+
+def _unknown_names(secrets_dir: Path | None) -> list[str]:
+    """A misspelt ``INCIDENTD_*`` variable (or secrets-directory file) would be ignored silently."""
+    problems = []
+    names = set(_env_names())
+    ignored = _service_links(names)
+    for name in sorted(names - ignored):
+        field = name.removeprefix(ENV_PREFIX).lower()
+        # INCIDENTD_TEST_*: the test suite's own variables (tests/incidents/conftest.py), not settings.
+        if field not in Settings.model_fields and not field.startswith("test_"):
+            problems.append(f"unknown setting {name} in the environment{_closest(field)}")
+    if secrets_dir is not None and secrets_dir.is_dir():
+        for path in sorted(secrets_dir.iterdir()):
+            field = path.name.lower().removeprefix(ENV_PREFIX.lower())
+            if path.name.upper().startswith(ENV_PREFIX) and field not in Settings.model_fields:
+                problems.append(f"unknown setting file {path}{_closest(field)}")
+    return problems
+
+
+def origins(values: dict[str, Any], secrets_dir: Path | None, config_file: Path | None) -> dict[str, str]:
+    """Where each setting's value comes from: ``environment``, ``secrets file PATH``, ``config file PATH``,
+    ``override`` (a command-line choice) or ``default``."""
+    env = _env_names()
+    files = {}
+    if secrets_dir is not None and secrets_dir.is_dir():
+        files = {p.name.upper(): p for p in secrets_dir.iterdir() if p.is_file()}
+    found = {}
+    for field in Settings.model_fields:
+        name = ENV_PREFIX + field.upper()
+        if name in env:
+            found[field] = "environment"
+        elif name in files:
+            found[field] = f"secrets file {files[name]}"
+        elif field in values:
+            found[field] = f"config file {config_file}" if config_file is not None else "override"
+        else:
+            found[field] = "default"
+    return found
+
+
+def _problem(error: Any, where: dict[str, str], bad_json: dict[str, str]) -> str:
+    loc = [str(part) for part in error["loc"]]
+    field = loc[0] if loc else "?"
+    origin = where.get(field, "config file")
+    if error["type"] == "extra_forbidden":
+        return f"unknown setting {field!r} ({origin}){_closest(field, as_key=True)}"
+    name = f"{ENV_PREFIX}{field.upper()}"
+    inside = f" at {'.'.join(loc)}" if len(loc) > 1 else ""
+    message = bad_json.get(field, error["msg"]).removeprefix("Value error, ")
+    return f"invalid setting {name} ({origin}){inside}: {message}"
 
 
 def load(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Build the settings, or raise SettingsError naming the first bad setting."""
+    """Build the settings, or raise SettingsError listing every problem (one line each)."""
+    return load_with_origins(config_file, **overrides)[0]
+
+
+def load_with_origins(config_file: Path | None = None, **overrides: Any) -> tuple[Settings, dict[str, str]]:
+    """:func:`load`, and where each setting came from (:func:`origins`), for ``config show``."""
     values: dict[str, Any] = {}
     if config_file is not None:
         try:
             values = json.loads(config_file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:
             raise SettingsError(f"cannot read config file {config_file}: {exc}") from None
         if not isinstance(values, dict):
             raise SettingsError(f"config file {config_file} must hold a JSON object")
     values.update(overrides)
+    secrets_dir = _secrets_dir(values)
+    where = origins(values, secrets_dir, config_file)
+    problems = _unknown_names(secrets_dir)
+    bad_json: dict[str, str] = {}
+    token = _bad_json.set(bad_json)
     try:
-        return Settings(**values)
+        settings = Settings(**values, _secrets_dir=secrets_dir)
     except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        name = str(error["loc"][0]) if error["loc"] else "?"
-        raise SettingsError(
-            f"invalid setting {ENV_PREFIX}{name.upper()} ({name!r} in the config file): {error['msg']}"
-        ) from None
+        seen = set()
+        for error in exc.errors(include_url=False):
+            line = _problem(error, where, bad_json)
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            if field in bad_json:  # one line for an undecodable value, not one per failed check
+                line = _problem({"loc": (field,), "type": "json", "msg": ""}, where, bad_json)
+            if line not in seen:
+                seen.add(line)
+                problems.append(line)
+        raise SettingsError(problems) from None
+    except SourceError as exc:  # anything else a source could not read
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        raise SettingsError([*problems, f"{exc}{cause}"]) from None
+    finally:
+        _bad_json.reset(token)
+    problems += [_problem({"loc": (f,), "type": "json", "msg": ""}, where, bad_json) for f in bad_json]
+    if problems:
+        raise SettingsError(problems)
+    _register_secrets(settings)
+    return settings, where
+
+
+def _secrets_dir(values: dict[str, Any]) -> Path | None:
+    """``INCIDENTD_SECRETS_DIR`` (or the config file's ``secrets_dir``); it must be a directory."""
+    env = _env_names()
+    raw = os.environ[env[f"{ENV_PREFIX}SECRETS_DIR"]] if f"{ENV_PREFIX}SECRETS_DIR" in env else None
+    raw = raw if raw is not None else values.get("secrets_dir")
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.is_dir():
+        raise SettingsError(f"invalid setting {ENV_PREFIX}SECRETS_DIR: {path} is not a directory")
+    return path
+
+
+def _register_secrets(settings: Settings) -> None:
+    """Every secret value is masked wherever it would appear in a log line or stored error text."""
+    for url in (settings.rabbitmq_url, settings.postgres_dsn):
+        password = urlsplit(url).password
+        register_secret(password)
+    for secret in (settings.clickhouse_password, settings.github_token, settings.slack_default_webhook_url,
+                   *(route.webhook_url for route in settings.slack_routes)):  # fmt: skip
+        register_secret(secret.get_secret_value())
+
+
+def shown(settings: Settings) -> dict[str, Any]:
+    """The effective settings as JSON-able values, secrets masked (``config show``)."""
+    out: dict[str, Any] = {}
+    for field, value in settings.model_dump(mode="json").items():
+        raw = getattr(settings, field)
+        if isinstance(raw, SecretStr):
+            value = "***" if raw.get_secret_value() else ""
+        elif field == "slack_routes":
+            value = [{**route, "webhook_url": "***" if route["webhook_url"] else ""} for route in value]
+        elif isinstance(value, str):
+            value = redact(value)
+        out[field] = value
+    return out

@@ -60,6 +60,10 @@ class OpsServer:
     def add_check(self, name: str, check: ReadinessCheck) -> None:
         self._checks[name] = check
 
+    def remove_check(self, name: str) -> None:
+        """Drop a check (e.g. the worker's ``startup`` check once the broker and store answered)."""
+        self._checks.pop(name, None)
+
     def mark_stopping(self) -> None:
         """Report not-ready from now on; the worker calls this first thing on SIGTERM."""
         self._stopping = True

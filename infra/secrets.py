@@ -6,6 +6,8 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from common.redact import register_secret
+
 
 def read_secret(value: SecretStr, file: Path | None) -> str:
     """The file's content (trailing newline stripped) when a file is configured, else the value.
@@ -16,6 +18,8 @@ def read_secret(value: SecretStr, file: Path | None) -> str:
     if file is None:
         return value.get_secret_value()
     try:
-        return file.read_text().strip()
+        secret = file.read_text().strip()
     except OSError as exc:
         raise ValueError(f"cannot read secret file {file}: {exc.strerror}") from None
+    register_secret(secret)  # masked in every log line and stored error from now on (common/redact.py)
+    return secret

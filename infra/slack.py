@@ -24,6 +24,10 @@ from infra.http import parse_retry_after
 from infra.incident_links import incident_links
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from pydantic import SecretStr
+
     from config.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -123,20 +127,37 @@ def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def from_settings(settings: Settings) -> SlackNotifier:
-    """Call inside the running event loop (aiohttp sessions belong to one loop)."""
+def _webhook(value: SecretStr, file: Path | None, setting: str) -> str:
+    """The webhook URL, checked at start-up: a URL without a scheme would fail every message later, and
+    show itself whole in the error."""
+    from config.settings import HTTP, url_problem
     from infra.secrets import read_secret
 
+    url = read_secret(value, file)
+    problem = url and url_problem(url, HTTP)
+    if problem:
+        raise ValueError(f"invalid setting {setting}{' (file ' + str(file) + ')' if file else ''}: {problem}")
+    return url
+
+
+def from_settings(settings: Settings) -> SlackNotifier:
+    """Call inside the running event loop (aiohttp sessions belong to one loop)."""
     routes = [
         Route(
             match={
                 key: frozenset([value] if isinstance(value, str) else value)
                 for key, value in route.match.items()
             },
-            webhook_url=read_secret(route.webhook_url, route.webhook_url_file),
+            webhook_url=_webhook(
+                route.webhook_url, route.webhook_url_file, f"slack_routes.{number}.webhook_url"
+            ),
         )
-        for route in settings.slack_routes
+        for number, route in enumerate(settings.slack_routes)
     ]
-    default = read_secret(settings.slack_default_webhook_url, settings.slack_default_webhook_url_file)
+    default = _webhook(
+        settings.slack_default_webhook_url,
+        settings.slack_default_webhook_url_file,
+        "slack_default_webhook_url",
+    )
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.slack_timeout))
     return SlackNotifier(session, routes, default)

@@ -108,7 +108,7 @@ def test_bad_setting_stops_with_one_line_naming_it(env):
     result = run(env | {"INCIDENTD_CONCURRENCY": "many"}, "worker", "--from", str(EXAMPLE))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "incidentd: invalid setting INCIDENTD_CONCURRENCY ('concurrency' in the config file): "
+        "incidentd: invalid setting INCIDENTD_CONCURRENCY (environment): "
         "Input should be a valid integer, unable to parse string as an integer"
     ]
 

@@ -20,16 +20,18 @@ COMMIT. Connections go back to the pool without asyncpg's reset query (see :func
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 
+from application.errors import TransientError
 from application.incidents import Incident, OpenGroup, Status
 from application.ports import IncidentObserver
+from common.redact import describe
 from infra.postgres.migrate import _LOCK_NAMESPACE, migrate
 
 _LOCK = (
@@ -78,6 +80,24 @@ _DELETE_ARCHIVED = """
 DELETE FROM incidents AS i USING unnest($1::uuid[], $2::text[]) AS a(id, doc)
 WHERE i.id = a.id AND i.status = 'resolved' AND i.doc::text = a.doc
 """
+
+
+# The server is down, restarting, out of connections, or the network path is gone: retrying helps.
+_UNAVAILABLE = (
+    OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+)  # fmt: skip
+
+
+@contextmanager
+def _transient_when_unavailable() -> Iterator[None]:
+    """A lost or refused connection is a :class:`TransientError`: the dispatcher retries it in-process,
+    then redelivers, without a traceback per message."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise TransientError(f"PostgreSQL unavailable: {describe(exc)}") from exc
 
 
 def _row(i: Incident) -> tuple[Any, ...]:
@@ -230,10 +250,11 @@ class PostgresStore:
     async def transaction(
         self, idempotency_key: str, dedup_keys: Collection[str] = (), scopes: Collection[tuple[str, str]] = ()
     ) -> AsyncIterator[_Transaction]:
-        async with self._pool.acquire() as conn, conn.transaction():
-            tx = await _Transaction.begin(conn, idempotency_key, dedup_keys, scopes)
-            yield tx
-            await tx.flush()
+        with _transient_when_unavailable():
+            async with self._pool.acquire() as conn, conn.transaction():
+                tx = await _Transaction.begin(conn, idempotency_key, dedup_keys, scopes)
+                yield tx
+                await tx.flush()
         if self._observer is not None:
             for incident, previous in tx.staged.values():
                 self._observer.changed(incident, previous)

@@ -40,6 +40,21 @@ class PubSubBroker:
         self.subscriber = PubSubSubscriber(subscriber_client, topology, self.publisher, flow)
         self.dead_letters = PubSubDeadLetters(subscriber_client, topology, self.publisher)
 
+    async def ping(self, timeout: float = 10.0) -> None:
+        """One call with a deadline and no client-side retry, so that an unreachable endpoint (or a
+        wrong emulator host) is an error within ``timeout`` rather than the client's minute of silent
+        retrying. A topic that does not exist yet, and a denied ``GetTopic`` (a worker's least-privilege
+        roles, subscriber + publisher, do not grant it), still prove the endpoint and the credentials."""
+        from google.api_core.exceptions import NotFound, PermissionDenied
+
+        def get_topic() -> None:
+            with contextlib.suppress(NotFound, PermissionDenied):
+                self._publisher_client.get_topic(
+                    request={"topic": self.topology.topic_path}, timeout=timeout, retry=None
+                )
+
+        await asyncio.to_thread(get_topic)
+
     async def setup(self) -> None:
         """Create both topics and both subscriptions where missing (idempotent)."""
         await asyncio.to_thread(create, self._publisher_client, self._subscriber_client, self.topology)

@@ -19,8 +19,10 @@ from uuid import UUID
 
 import aiosqlite
 
+from application.errors import TransientError
 from application.incidents import Incident, OpenGroup, Status
 from application.ports import IncidentObserver
+from common.redact import describe
 
 # Index i holds the statements that bring the schema from version i to i + 1.
 MIGRATIONS = [
@@ -158,6 +160,16 @@ class _Transaction:
         return incident
 
 
+# Busy or locked by another process, an I/O error, a full disk: waiting may help (not a bad statement).
+_UNAVAILABLE = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_FULL")
+
+
+def _unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and str(getattr(exc, "sqlite_errorname", "")).startswith(
+        _UNAVAILABLE
+    )
+
+
 class SqliteStore:
     def __init__(self, db: aiosqlite.Connection, observer: IncidentObserver | None = None) -> None:
         self._db = db
@@ -200,9 +212,11 @@ class SqliteStore:
                         (idempotency_key, datetime.now(UTC).isoformat()),
                     )
                 await self._db.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(sqlite3.OperationalError):  # none active: BEGIN failed or COMMIT ran
                     await self._db.execute("ROLLBACK")
+                if _unavailable(exc):
+                    raise TransientError(f"SQLite unavailable: {describe(exc)}") from exc
                 raise
         if self._observer is not None:
             for incident, previous in tx.changed.values():

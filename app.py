@@ -450,6 +450,7 @@ async def _run(settings: Settings, auth: AuthPlan) -> None:
         dispatcher: Dispatcher = await container.dispatcher()  # type: ignore[misc]
         if ops is not None:
             await _ops_ready(ops, container, broker, dispatcher)
+        await container.maintenance_loop()  # type: ignore[misc]
         server = await _front_door(settings, container, broker, auth)
         term, stop = _stop_on_signals(), asyncio.Event()
 

@@ -12,6 +12,7 @@ from aio_pika.exceptions import ChannelInvalidStateError
 from application.dispatcher import Context, Dispatcher, RetryPolicy, bind
 from application.factory import CommandFactory
 from application.messages import Delivery, Outcome
+from application.settle import settle
 from config.settings import Settings
 from infra.rabbitmq import open_broker
 from tests.contract.broker_contract import Record, eventually, publish_records, running
@@ -67,7 +68,7 @@ async def test_a_retry_after_the_channel_died_publishes_no_copy(settings: Settin
         assert broker.subscriber._channel is not None
         await broker.subscriber._channel.close()  # what a lost connection does to the delivery's channel
         with pytest.raises(ChannelInvalidStateError):
-            await deliveries[0].settle(Outcome.retry(0.2, "still down"))
+            await settle(deliveries[0], Outcome.retry(0.2, "still down"))
         await broker.subscriber.stop()
         await broker.subscriber.close()
         await asyncio.sleep(0.6)  # past the retry delay: a copy would be back in the main queue
@@ -92,13 +93,13 @@ async def test_a_copy_the_broker_never_confirms_hands_the_original_back_in_time(
             proxy.delay = 3600  # from now on nothing gets through, and the connection stays open
             started = time.monotonic()
             with pytest.raises(TimeoutError):
-                await deliveries[0].settle(Outcome.retry(0.2, "downstream is down"))
+                await settle(deliveries[0], Outcome.retry(0.2, "downstream is down"))
             assert time.monotonic() - started < 5
             proxy.delay = 0
             proxy.drop()  # the stalled connection goes; what it held back never reaches RabbitMQ
             await eventually(lambda: len(deliveries) == 2, timeout=30)
             assert deliveries[1].message.body == deliveries[0].message.body
-            await deliveries[1].settle(Outcome.ack())
+            await settle(deliveries[1], Outcome.ack())
             await broker.subscriber.stop()
             await broker.subscriber.close()
             topology = broker.topology

@@ -9,12 +9,13 @@ tables, 40-digit numbers), the copy carries only values RabbitMQ accepts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from application.messages import REPLAYED_AT_ATTR, TYPE_ATTR, Message
+from application.messages import REASON_ATTR, REPLAYED_AT_ATTR, TYPE_ATTR, Message
 from application.ports import DeadLetter
 from application.settle import dead_letter_from, read_message
 
@@ -124,7 +125,16 @@ def new_message(body: bytes, attributes: Mapping[str, str], message_id: str) -> 
 
 
 def dead_letter_of(incoming: AbstractIncomingMessage) -> DeadLetter:
+    """What ``dlq list`` shows. A message RabbitMQ dead-lettered itself (past the main queue's delivery
+    limit) has no reason of ours; its reason says so."""
     attributes = attributes_of(incoming)
+    native = text(incoming.headers.get("x-first-death-reason") or "")
+    if native and REASON_ATTR not in attributes:
+        attributes[REASON_ATTR] = (
+            f"dead-lettered by RabbitMQ ({native}) from queue "
+            f"{text(incoming.headers.get('x-first-death-queue') or '?')}: it was delivered more often than "
+            "the queue's x-delivery-limit without being settled (did it break the consumer's connection?)"
+        )
     return dead_letter_from(
         text(incoming.message_id or ""),
         incoming.body,
@@ -134,3 +144,36 @@ def dead_letter_of(incoming: AbstractIncomingMessage) -> DeadLetter:
             "routing_key": attributes.get(ORIGINAL_ROUTING_KEY_ATTR, ""),
         },
     )
+
+
+def tolerate_out_of_range_timestamps() -> None:
+    """Make pamqp read an AMQP ``timestamp`` it cannot represent instead of failing the whole frame.
+
+    pamqp 4 reads the 64-bit value as seconds (milliseconds above 2**32) and raises on a year past 9999:
+    one message published with a timestamp in microseconds or nanoseconds then drops the consumer's
+    connection at every delivery, and the valid messages behind it wait for ever (reported upstream:
+    docs/rabbitmq.md). Here such a value is read by its magnitude (µs, ns), or as no timestamp at all.
+    Installed once, before the first connection; idempotent.
+    """
+    import struct
+
+    from pamqp import decode
+
+    original = decode.METHODS["timestamp"]
+    if getattr(original, "incidentd_tolerant", False):
+        return
+
+    def timestamp(value: bytes) -> tuple[int, datetime | None]:
+        try:
+            return original(value)  # type: ignore[return-value]  # a datetime for this type
+        except (ValueError, OverflowError, OSError):
+            (raw,) = struct.unpack(">Q", value[0:8])
+            for divisor in (1e6, 1e9):
+                with contextlib.suppress(ValueError, OverflowError, OSError):
+                    return 8, datetime.fromtimestamp(raw / divisor, tz=UTC)
+            return 8, None
+
+    timestamp.incidentd_tolerant = True  # type: ignore[attr-defined]
+    timestamp.original = original  # type: ignore[attr-defined]
+    decode.METHODS["timestamp"] = timestamp
+    decode.TABLE_MAPPING[b"T"] = timestamp

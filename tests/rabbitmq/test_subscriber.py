@@ -107,17 +107,17 @@ async def test_a_copy_the_broker_never_confirms_hands_the_original_back_in_time(
 
 
 async def test_acks_sent_just_before_close_are_not_lost(settings: Settings) -> None:
-    """Four times: 256 deliveries acked, then the subscriber closed at once (what SIGTERM does after the drain):
-    every ack reaches the queue, so nothing comes back to the next worker. A quorum queue dropped acks
-    still in flight when their channel closed (rabbitmq-server#10327: 67-130 of 256 in 2 of 6 trials
-    under load); the close now makes one synchronous round trip on the channel after the last ack."""
+    """Four times: 256 deliveries acked, then the subscriber closed at once (what SIGTERM does after
+    the drain): every ack reaches the queue, so nothing comes back to the next worker. A quorum queue
+    dropped acks still in flight when their channel closed (rabbitmq-server#10327: 67-130 of 256 in 2
+    of 6 trials under load); the close now makes one synchronous round trip after the last ack."""
     for trial in range(4):
         deliveries: list[Delivery] = []
         async with open_broker(settings, prefetch=256) as broker:
             await broker.setup()
             await publish_records(broker, [f"t{trial}-{i}" for i in range(256)])
             await broker.subscriber.start(deliveries.append)
-            await eventually(lambda: len(deliveries) == 256)
+            await eventually(lambda d=deliveries: len(d) == 256)  # type: ignore[misc]
             await broker.subscriber.stop()
             for delivery in deliveries:
                 await settle(delivery, Outcome.ack())

@@ -330,7 +330,8 @@ def dlq_list(ctx: click.Context, limit: int | None, as_json: bool) -> None:
         click.echo(json.dumps([_letter_json(x) for x in letters], indent=2))
         return
     for x in letters:
-        click.echo(f"{x.message_id}  attempts={x.attempts}  {x.reason}")
+        copies = f"  copies={x.copies}" if x.copies > 1 else ""
+        click.echo(f"{x.message_id}  attempts={x.attempts}{copies}  {x.reason}")
 
 
 @dlq.command("show")
@@ -401,6 +402,7 @@ def _letter_json(letter: Any) -> dict[str, Any]:
         "attempts": letter.attempts,
         "first_seen": letter.first_seen.isoformat() if letter.first_seen else None,
         "dead_lettered_at": letter.dead_lettered_at.isoformat() if letter.dead_lettered_at else None,
+        "copies": letter.copies,
     }
 
 

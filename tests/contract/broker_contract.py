@@ -300,6 +300,24 @@ class BrokerContract:
                 assert letters[key].attempts == 1
             await eventually(lambda: _is_zero(backlog(broker)))
 
+    async def test_dead_letter_copies_of_one_message_are_listed_once_with_their_count(
+        self, open_broker: OpenBroker, backlog: Backlog
+    ) -> None:
+        """Two dead-letter copies of one message id (what a worker killed between the copy's confirm and
+        the original's ack leaves behind) are one entry in ``dlq list``, with ``copies == 2``; other
+        dead letters are unaffected."""
+        outcomes: list[Outcome] = []
+        async with open_broker() as broker:
+            for message_id in ("twice", "twice", "once"):
+                await broker.publisher.publish(b"{not json", {TYPE_ATTR: Record.TYPE}, message_id=message_id)
+            async with running(broker, make_dispatcher(Ledger(), outcomes)) as stop:
+                await eventually(lambda: len(outcomes) == 3)
+                await eventually(lambda: _listed(broker, 2))
+                await stop()
+            letters = await broker.dead_letters.list()
+            assert sorted((x.message_id, x.copies) for x in letters) == [("once", 1), ("twice", 2)]
+            await eventually(lambda: _is_zero(backlog(broker)))
+
 
 async def _listed(broker: Broker, count: int) -> bool:
     return len(await broker.dead_letters.list()) >= count

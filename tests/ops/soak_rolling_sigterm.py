@@ -126,12 +126,13 @@ async def one_run(broker_name: str, directory: Path) -> dict[str, Any]:
         for event in ("message.acked", "message.dead_lettered"):
             settles.update(e["message_id"] for e in log_events(pod.log, event))
         drains += [e["drain_seconds"] for e in log_events(pod.log, "worker.stopped")]
-    copies = collections.Counter(letter.message_id for letter in letters)
+    copies = collections.Counter(letter.message_id for letter in letters)  # listed once per id now:
+    copies.update({letter.message_id: letter.copies - 1 for letter in letters})  # count the copies
     return {
         "published": len(ids),
         "settled_twice": sum(1 for n in settles.values() if n > 1),
         "unsettled": sum(1 for m in ids if settles[m] == 0),
-        "dead_letters": len(letters),
+        "dead_letters": sum(copies.values()),
         "duplicate_dead_letters": sum(n - 1 for n in copies.values()),
         "bad_exits": sum(1 for code in exits if code != 0),
         "max_drain_s": max(drains, default=0.0),

@@ -284,6 +284,7 @@ class PubSubSubscriber:
             return  # stop() or close() cancelled it
         stream.live = False  # its dispatcher is gone: settle the rest with our own requests
         self._closing.append(future)
+        self._keep_leases_of_closed_streams()  # and its leaser: running handlers keep their leases
         error = future.exception(timeout=0)
         log.error("pubsub.stream_ended", error=repr(error), resubscribe_in=RESUBSCRIBE_DELAY)
         if not self._stopping:
@@ -374,6 +375,9 @@ class PubSubSubscriber:
             self._resubscribe.cancel()
             self._resubscribe = None
         await self._cancel_stream()
+        self._keep_leases_of_closed_streams()
+
+    def _keep_leases_of_closed_streams(self) -> None:
         if self._lease_keeper is None:
             self._lease_keeper = asyncio.get_running_loop().create_task(self._keep_leases())
 
@@ -386,9 +390,9 @@ class PubSubSubscriber:
             self._closing.append(self._future)
 
     async def _keep_leases(self) -> None:
-        """While draining: the client's leaser has stopped with the stream, so extend the deadlines of
-        the deliveries still running ourselves (a settled one is out of ``unsettled`` before its
-        ack or nack is queued)."""
+        """While draining, or after a stream ended on its own: the client's leaser has stopped with the
+        stream, so extend the deadlines of the deliveries still running ourselves (a settled one is out
+        of ``unsettled`` before its ack or nack is queued)."""
 
         def running() -> list[str]:
             return [d.received.ack_id for d in self.unsettled if not d.stream.live]

@@ -7,8 +7,8 @@
                                                    v
         +------------------------------------> queue <Q> (quorum by default) --> worker
         |                                          ^
-        | TTL expires: dead-lettered back          | RETRY with delay <= 0 (shutdown hand-back)
-        |                                          | goes straight to <Q>
+        | TTL expires: dead-lettered back          | RETRY with delay <= 0 (shutdown hand-back):
+        |                                          | nack with requeue (not an attempt)
     <Q>.retry.<ms>ms (one per delay in retry_backoff; message TTL = the delay)
         ^
         | RETRY with delay d: the smallest retry queue >= d, else the largest

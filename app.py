@@ -658,7 +658,8 @@ def dlq_list(ctx: click.Context, limit: int | None, as_json: bool) -> None:
         click.echo(json.dumps([_letter_json(x) for x in letters], indent=2))
         return
     for x in letters:
-        click.echo(f"{printable(x.message_id)}  attempts={x.attempts}  {printable(x.reason)}")
+        copies = f"  copies={x.copies}" if x.copies > 1 else ""
+        click.echo(f"{printable(x.message_id)}  attempts={x.attempts}{copies}  {printable(x.reason)}")
 
 
 @dlq.command("show")
@@ -731,6 +732,7 @@ def _letter_json(letter: Any) -> dict[str, Any]:
         "attempts": letter.attempts,
         "first_seen": letter.first_seen.isoformat() if letter.first_seen else None,
         "dead_lettered_at": letter.dead_lettered_at.isoformat() if letter.dead_lettered_at else None,
+        "copies": letter.copies,
     }
 
 

@@ -4,8 +4,8 @@ This module is the only place where an outcome is decided and settled:
 
 * decode error or :class:`PermanentError`  -> DEAD_LETTER at once;
 * :class:`TransientError` -> retried in-process with exponential backoff and jitter (tenacity), then RETRY
-  with the redelivery delay of the backoff schedule, or DEAD_LETTER once the delivery attempt reaches
-  ``max_attempts``;
+  with the redelivery delay of the backoff schedule (or the handler's ``retry_after``, at most
+  ``settle.MAX_RETRY_DELAY``), or DEAD_LETTER once the delivery attempt reaches ``max_attempts``;
 * a timeout (it covers the in-process retries) or any unexpected exception -> the same RETRY /
   DEAD_LETTER, without in-process retries (the stores map their connection errors to TransientError);
 * cancellation (shutdown deadline) -> RETRY with no delay, settled under ``asyncio.shield``;
@@ -32,6 +32,7 @@ from application.commands import Command
 from application.errors import DecodeError, PermanentError, TransientError
 from application.factory import CommandFactory
 from application.messages import Delivery, Disposition, Message, Outcome
+from application.settle import retry_delay, settle
 
 log = structlog.get_logger("incidentd.dispatcher")
 
@@ -145,12 +146,22 @@ class Dispatcher:
         return len(cancelled)
 
     async def _process(self, delivery: Delivery) -> None:
+        """Every path ends in exactly one settle: a decode failure of any kind and unreadable attributes
+        are a dead letter, cancellation a hand-back, any other exception a RETRY bounded by
+        ``max_attempts``."""
         message = delivery.message
         started = time.perf_counter()
         structlog.contextvars.bind_contextvars(message_id=message.message_id, attempt=message.attempt)
         command_type = "unknown"
         try:
-            command = self._factory.decode(message)
+            if message.defect:
+                raise DecodeError(message.defect)
+            try:
+                command = self._factory.decode(message)
+            except DecodeError:
+                raise
+            except Exception as exc:  # a decoder bug or an input it did not expect: the message is bad
+                raise DecodeError(f"{type(exc).__name__}: {exc}") from exc
             command_type = command.TYPE
             self._received(message, command_type)
             structlog.contextvars.bind_contextvars(command_type=command_type)
@@ -162,11 +173,18 @@ class Dispatcher:
             outcome = Outcome.retry(0.0, "cancelled at shutdown before the handler finished")
             await self._finish(delivery, outcome, command_type, started)
             raise
+        except Exception as exc:  # outside the handlers (their errors are outcomes already): a bug here
+            log.exception("message.unexpected_error")
+            error = type(exc).__name__
+            outcome = self._transient(message.attempt, f"{error}: {exc}", error, None)
         await self._finish(delivery, outcome, command_type, started)
 
     def _received(self, message: Message, command_type: str) -> None:
         for receiver in self._receivers:
-            receiver(message, command_type)
+            try:
+                receiver(message, command_type)
+            except Exception:  # a metric must never change what happens to the message
+                log.exception("message.receiver_failed")
 
     async def _run(self, command: Command, message: Message) -> Outcome:
         if self._draining:
@@ -235,7 +253,7 @@ class Dispatcher:
     def _transient(self, attempt: int, error: str, error_type: str, retry_after: float | None) -> Outcome:
         if attempt >= self._retry.max_attempts:
             return Outcome.dead_letter(f"gave up after {attempt} attempts: {error}", error=error_type)
-        delay = max(self._retry.redelivery_delay(attempt), retry_after or 0.0)
+        delay = retry_delay(max(self._retry.redelivery_delay(attempt), retry_after or 0.0))
         return Outcome.retry(delay, error, error=error_type)
 
     async def _finish(self, delivery: Delivery, outcome: Outcome, command_type: str, started: float) -> None:
@@ -252,7 +270,7 @@ class Dispatcher:
 
     async def _settle(self, delivery: Delivery, outcome: Outcome, command_type: str, started: float) -> None:
         try:
-            await delivery.settle(outcome)
+            await settle(delivery, outcome)
         except Exception:
             # The broker did not take the outcome (e.g. the connection dropped). The delivery was not
             # acked, so the broker redelivers it: nothing is lost, and the store's idempotency record
@@ -263,7 +281,10 @@ class Dispatcher:
         duration = time.perf_counter() - started
         _log_outcome(outcome, round(duration * 1000, 3))
         for observer in self._observers:
-            observer(delivery.message, command_type, outcome, duration)
+            try:
+                observer(delivery.message, command_type, outcome, duration)
+            except Exception:
+                log.exception("message.observer_failed")
 
 
 def _log_outcome(outcome: Outcome, duration_ms: float) -> None:

@@ -24,6 +24,9 @@ FIRST_SEEN_ATTR = "x-incidentd-first-seen"
 REASON_ATTR = "x-incidentd-reason"
 ERROR_ATTR = "x-incidentd-error"
 REPLAYED_AT_ATTR = "x-incidentd-replayed-at"
+DEAD_LETTERED_AT_ATTR = "x-incidentd-dead-lettered-at"
+# On a RETRY's copy: not to be handled before this time (seconds since the epoch).
+NOT_BEFORE_ATTR = "x-incidentd-not-before"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +34,9 @@ class Message:
     """One delivery of one message, whatever broker it came from.
 
     ``attempt`` is 1 on the first delivery. Brokers that count deliveries (RabbitMQ quorum queues'
-    ``x-delivery-count``, Pub/Sub's ``delivery_attempt``) provide it; otherwise it comes from our own
-    ``x-incidentd-attempt`` attribute, which the retry path increments.
+    It comes from incidentd's own ``x-incidentd-attempt`` attribute, which the retry path increments
+    (see ``application.settle.read_message``). ``defect`` names attributes that could not be read; such a
+    message is dead-lettered with that reason at once.
     """
 
     body: bytes
@@ -40,6 +44,7 @@ class Message:
     message_id: str = ""
     publish_time: datetime | None = None
     attempt: int = 1
+    defect: str = ""
 
     @property
     def idempotency_key(self) -> str:
@@ -91,13 +96,18 @@ _ACK = Outcome(Disposition.ACK)
 
 
 class Delivery(Protocol):
-    """A message handed over by a subscriber, with the one way to finish it.
+    """A message handed over by a subscriber, and the three things its broker can do with it.
 
-    ``settle`` must be awaited exactly once; it returns only when the broker has taken the outcome
-    (for RETRY and DEAD_LETTER: when the replacement copy is confirmed and the original acked).
+    ``application.settle.settle`` is the only caller, exactly once per delivery: ``ack`` (done),
+    ``requeue`` (hand it back unchanged: not an attempt), or ``publish_copy`` (the replacement a RETRY
+    with a delay or a DEAD_LETTER publishes, returning once the broker confirmed it) followed by ``ack``.
     """
 
     @property
     def message(self) -> Message: ...
 
-    async def settle(self, outcome: Outcome) -> None: ...
+    async def ack(self) -> None: ...
+
+    async def requeue(self) -> None: ...
+
+    async def publish_copy(self, attributes: Mapping[str, str], outcome: Outcome) -> None: ...

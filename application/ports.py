@@ -191,6 +191,9 @@ class DeadLetter:
     first_seen: datetime | None = None
     dead_lettered_at: datetime | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
+    # Copies of this message (same message id) in the dead-letter destination: more than 1 when a worker
+    # died between publishing the dead-letter copy and acking the original. Listed and replayed once.
+    copies: int = 1
 
 
 @dataclass

@@ -160,6 +160,10 @@ class Settings(BaseSettings):
     rabbitmq_exchange: str = "incidentd"
     rabbitmq_queue: str = "incidentd"
     rabbitmq_queue_type: Literal["quorum", "classic"] = "quorum"
+    # Quorum queues: deliveries of one message (including returns when a channel or connection drops)
+    # before RabbitMQ dead-letters it to <queue>.dlq itself - the backstop for a message that kills the
+    # consumer before incidentd can settle it. incidentd's own attempts are counted separately.
+    rabbitmq_delivery_limit: int = Field(default=20, ge=1, le=10_000)
 
     @field_validator("rabbitmq_url")
     @classmethod

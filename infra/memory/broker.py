@@ -5,7 +5,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from uuid import uuid4
 
-from application.messages import ATTEMPT_ATTR, Message
+from application.messages import Message
+from application.settle import read_message
 from infra.memory.subscriber import MemorySubscriber
 from infra.sqlite.dead_letters import SqliteDeadLetters
 
@@ -26,6 +27,9 @@ class MemoryQueue:
         self.ready.put_nowait(message)
 
     def put_later(self, message: Message, delay: float) -> None:
+        self._outstanding += 1
+        self._idle.clear()
+
         def fire() -> None:
             self._timers.discard(handle)
             self.ready.put_nowait(message)
@@ -58,8 +62,7 @@ class MemoryPublisher:
         self, body: bytes, attributes: Mapping[str, str], *, message_id: str | None = None
     ) -> str:
         message_id = message_id or uuid4().hex
-        attempt = int(attributes.get(ATTEMPT_ATTR, "1"))
-        self._queue.put(Message(body, dict(attributes), message_id, datetime.now(UTC), attempt))
+        self._queue.put(read_message(body, dict(attributes), message_id, datetime.now(UTC)))
         return message_id
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from application.dead_letters import by_original, listed
 from application.errors import BrokerOperationError
 from application.messages import Message
 from application.ports import DeadLetter, ReplayReport
@@ -44,6 +45,7 @@ class Held:
 
 
 Session = list[Held]
+Groups = list[Session]  # the dead letters of one original message each
 Ids = list[str]
 
 
@@ -54,49 +56,51 @@ class PubSubDeadLetters:
         self._publisher = publisher
 
     async def list(self, *, limit: int | None = None) -> list[DeadLetter]:
-        async with self._session(limit) as held:
-            return [h.letter for h in held]
+        async with self._session(limit) as groups:
+            return [listed(group, _letter) for group in groups]
 
     async def replay(
         self, *, validate: Callable[[Message], object], limit: int | None = None, dry_run: bool = False
     ) -> ReplayReport:
+        """Each original once: one copy is published, then every copy of it is acked."""
         report = ReplayReport()
-        async with self._session(limit) as held:
-            valid: Session = []
-            for h in held:
-                letter = h.letter
+        async with self._session(limit) as groups:
+            valid: Groups = []
+            for group in groups:
+                letter = group[0].letter
                 try:
                     validate(Message(letter.body, letter.attributes, letter.message_id))
                 except Exception as exc:
                     report.invalid[letter.message_id] = str(exc)
                     continue
-                valid.append(h)
+                valid.append(group)
             if dry_run:
-                report.replayed = [h.letter.message_id for h in valid]
+                report.replayed = [group[0].letter.message_id for group in valid]
                 return report
             results = await asyncio.gather(
                 *(
                     self._publisher.publish_to(
-                        self._topology.topic_path, h.letter.body, pubsub.replay_attributes(h.letter)
+                        self._topology.topic_path, g[0].letter.body, pubsub.replay_attributes(g[0].letter)
                     )
-                    for h in valid
+                    for g in valid
                 ),
                 return_exceptions=True,
             )
-            published = []
-            for h, result in zip(valid, results, strict=True):
+            published: Session = []
+            for group, result in zip(valid, results, strict=True):
+                message_id = group[0].letter.message_id
                 if isinstance(result, BaseException):  # not published: it stays dead-lettered
-                    report.invalid[h.letter.message_id] = f"could not publish: {result}"
+                    report.invalid[message_id] = f"could not publish: {result}"
                     continue
-                published.append(h)
-                report.replayed.append(h.letter.message_id)
+                published += group
+                report.replayed.append(message_id)
+                log.info("dlq.replayed", message_id=message_id, topic=self._topology.topic, copies=len(group))
             await self._ack(published)
-            for h in published:
-                log.info("dlq.replayed", message_id=h.letter.message_id, topic=self._topology.topic)
         return report
 
     async def purge(self, *, limit: int | None = None, dry_run: bool = False) -> int:
-        async with self._session(limit) as held:
+        async with self._session(limit) as groups:
+            held = [h for group in groups for h in group]
             if not dry_run:
                 await self._ack(held)
             return len(held)
@@ -116,13 +120,15 @@ class PubSubDeadLetters:
         return self._topology.dead_letter_subscription_path
 
     @contextlib.asynccontextmanager
-    async def _session(self, limit: int | None) -> AsyncIterator[Session]:
-        """The oldest ``limit`` dead letters, held; everything not acked is nacked on exit."""
+    async def _session(self, limit: int | None) -> AsyncIterator[Groups]:
+        """The oldest ``limit`` original messages' dead letters (every copy of each), held; everything
+        not acked is nacked on exit."""
         everything = await asyncio.to_thread(self._pull_all)
         held = [Held(r, pubsub.dead_letter_of(r)) for r in everything]
         held.sort(key=lambda h: (h.letter.dead_lettered_at is None, h.letter.dead_lettered_at))
+        groups = by_original(held, _letter)
         try:
-            yield held[:limit] if limit is not None else held
+            yield groups[:limit] if limit is not None else groups
         finally:
             back = [h.received.ack_id for h in held if not h.acked]
             if back:
@@ -157,3 +163,7 @@ class PubSubDeadLetters:
                 subscription=self._path, ack_ids=ack_ids[start : start + PULL_BATCH],
                 ack_deadline_seconds=0, timeout=RPC_TIMEOUT,
             )  # fmt: skip
+
+
+def _letter(held: Held) -> DeadLetter:
+    return held.letter

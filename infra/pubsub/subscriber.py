@@ -1,21 +1,23 @@
 """Consumes the subscription by streaming pull and maps each outcome onto Pub/Sub - the only place
 incidentd acks.
 
-* ACK -> ``message.ack()``: the client batches acks on its dispatcher thread (up to 100 per request,
+``application.settle`` decides; this module provides its three operations:
+
+* ack -> ``message.ack()``: the client batches acks on its dispatcher thread (up to 100 per request,
   10 ms), which is what keeps the worker at the plain client's speed. With exactly-once delivery
   enabled on the subscription, ``ack_with_response()`` instead, awaited: there an ack can fail.
-* RETRY with a delay -> publish a copy (attempt + 1, ``x-incidentd-not-before``) to the topic, wait for
-  the publish, then ack the original. A copy that arrives before it is due is *parked*: its ack deadline
-  is set to the time left (at most 600 s at a time) and it is dropped from lease management, so Pub/Sub
-  redelivers it when it is due. Why a copy, and not a nack or a modified deadline on the original:
-  our attempt count travels with the copy, so counting works on every subscription (``delivery_attempt``
-  exists only with a dead-letter policy) and never depends on Pub/Sub's approximate count; the
-  subscription's native dead_letter_policy sees each copy as a new message and stays a backstop only.
-* RETRY without delay (shutdown hand-back, not started) -> nack: redelivered at once, to any worker.
-* DEAD_LETTER -> publish a copy with reason / error / attempts / first-seen / original attributes to the
-  dead-letter topic, wait for the publish, then ack the original.
+* requeue -> nack: redelivered at once, to any worker. Pub/Sub's ``delivery_attempt`` counts it, which
+  is why incidentd's attempt is its own attribute only.
+* publish_copy -> a RETRY's copy (attempt + 1, ``x-incidentd-not-before``) to the topic, a
+  DEAD_LETTER's to the dead-letter topic, returning once published. A retry copy that arrives before it
+  is due is *parked*: its ack deadline is set to the time left (at most 600 s, which is also the longest
+  retry delay, so a copy is parked at most once) and it is dropped from lease management, so Pub/Sub
+  redelivers it when it is due. Why a copy, and not a nack or a modified deadline on the original: our
+  attempt count travels with the copy, so counting works on every subscription and parks never count;
+  the subscription's native dead_letter_policy sees each copy as a new message and stays a backstop.
 
-If a copy's publish fails, the original is nacked instead (redelivered, never lost) and the error raised.
+A message whose hand-over fails for any reason is nacked on its own; the rest of its batch is handed
+over (a message with unreadable attributes is handed over and dead-lettered by the dispatcher).
 
 Threads: the client calls ``Scheduler.schedule`` on its own threads for each message it releases. The
 :class:`LoopScheduler` given to ``subscribe`` only appends the message to a list and, for the first of a
@@ -42,12 +44,13 @@ import asyncio
 import contextlib
 import math
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from google.cloud.pubsub_v1.subscriber.scheduler import Scheduler
 
+from application import settle
 from application.messages import Delivery, Disposition, Message, Outcome
 from infra.pubsub import message as pubsub
 from infra.pubsub.topology import MAX_ACK_DEADLINE
@@ -141,25 +144,16 @@ class PubSubDelivery:
         self.stream = stream
         self._subscriber = subscriber
 
-    async def settle(self, outcome: Outcome) -> None:
-        """ACK returns once the ack is queued in the client (sent within 10 ms, or flushed by
-        ``close()``); RETRY and DEAD_LETTER once the copy's publish succeeded and the original's ack is
-        queued; while stopping, once our own request was answered."""
-        subscriber = self._subscriber
-        try:
-            if outcome.disposition is Disposition.ACK:
-                await subscriber.ack(self)
-            elif outcome.disposition is Disposition.RETRY and outcome.delay <= 0:
-                await subscriber.nack(self)
-            else:
-                try:
-                    await subscriber.publish_copy(self, outcome)
-                except BaseException:
-                    await subscriber.nack(self)  # not published: hand the original back, never drop it
-                    raise
-                await subscriber.ack(self)
-        finally:
-            subscriber.unsettled.discard(self)
+    async def ack(self) -> None:
+        """Returns once the ack is queued in the client (sent within 10 ms, or flushed by ``close()``);
+        while stopping, once our own request was answered."""
+        await self._subscriber.ack(self)
+
+    async def requeue(self) -> None:
+        await self._subscriber.nack(self)
+
+    async def publish_copy(self, attributes: Mapping[str, str], outcome: Outcome) -> None:
+        await self._subscriber.publish_copy(self, attributes, outcome)
 
 
 class UnaryRequests:
@@ -290,6 +284,7 @@ class PubSubSubscriber:
             return  # stop() or close() cancelled it
         stream.live = False  # its dispatcher is gone: settle the rest with our own requests
         self._closing.append(future)
+        self._keep_leases_of_closed_streams()  # and its leaser: running handlers keep their leases
         error = future.exception(timeout=0)
         log.error("pubsub.stream_ended", error=repr(error), resubscribe_in=RESUBSCRIBE_DELAY)
         if not self._stopping:
@@ -303,16 +298,20 @@ class PubSubSubscriber:
     def _hand_over(self, stream: LoopScheduler, batch: list[Received]) -> None:
         on_delivery = self._on_delivery
         for received in batch:
-            due_in = pubsub.not_before(received)
-            if due_in >= PARK_MINIMUM:
-                self._park(stream, received, due_in)
-                continue
-            if not stream.live or on_delivery is None:
+            try:
+                due_in = settle.due_in(received.attributes)
+                if due_in >= PARK_MINIMUM:
+                    self._park(stream, received, due_in)
+                    continue
+                if not stream.live or on_delivery is None:
+                    self._nack_direct(received.ack_id)
+                    continue
+                delivery = PubSubDelivery(pubsub.to_message(received), received, stream, self)
+                self.unsettled.add(delivery)
+                on_delivery(delivery)
+            except Exception as exc:  # one message must never strand the rest of its batch
+                log.exception("pubsub.hand_over_failed", error=repr(exc))
                 self._nack_direct(received.ack_id)
-                continue
-            delivery = PubSubDelivery(pubsub.to_message(received), received, stream, self)
-            self.unsettled.add(delivery)
-            on_delivery(delivery)
 
     def _park(self, stream: LoopScheduler, received: Received, due_in: float) -> None:
         """Leave a RETRY's early copy with Pub/Sub until it is due (its ack deadline), unleased."""
@@ -355,18 +354,18 @@ class PubSubSubscriber:
         else:
             await self._unary.modify(received.ack_id, 0)
 
-    async def publish_copy(self, delivery: PubSubDelivery, outcome: Outcome) -> None:
+    async def publish_copy(
+        self, delivery: PubSubDelivery, attributes: Mapping[str, str], outcome: Outcome
+    ) -> None:
         """Publish the copy that replaces a delivery and wait until Pub/Sub has it."""
-        message = delivery.message
         if outcome.disposition is Disposition.RETRY:
             topic = self._topology.topic_path
-            attributes = pubsub.retry_attributes(message, outcome)
         else:
             topic = self._topology.dead_letter_topic_path
-            attributes = pubsub.dead_letter_attributes(
-                message, outcome, delivery.received.message_id, self._topology.subscription
-            )
-        await self._publisher.publish_to(topic, message.body, attributes)
+        copy = pubsub.copy_attributes(
+            attributes, delivery.message, outcome, delivery.received.message_id, self._topology.subscription
+        )
+        await self._publisher.publish_to(topic, delivery.message.body, copy)
 
     async def stop(self) -> None:
         """Stop the stream; its held and not handed-over messages are nacked by the client at once,
@@ -376,6 +375,9 @@ class PubSubSubscriber:
             self._resubscribe.cancel()
             self._resubscribe = None
         await self._cancel_stream()
+        self._keep_leases_of_closed_streams()
+
+    def _keep_leases_of_closed_streams(self) -> None:
         if self._lease_keeper is None:
             self._lease_keeper = asyncio.get_running_loop().create_task(self._keep_leases())
 
@@ -388,9 +390,9 @@ class PubSubSubscriber:
             self._closing.append(self._future)
 
     async def _keep_leases(self) -> None:
-        """While draining: the client's leaser has stopped with the stream, so extend the deadlines of
-        the deliveries still running ourselves (a settled one is out of ``unsettled`` before its
-        ack or nack is queued)."""
+        """While draining, or after a stream ended on its own: the client's leaser has stopped with the
+        stream, so extend the deadlines of the deliveries still running ourselves (a settled one is out
+        of ``unsettled`` before its ack or nack is queued)."""
 
         def running() -> list[str]:
             return [d.received.ack_id for d in self.unsettled if not d.stream.live]

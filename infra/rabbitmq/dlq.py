@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from application.dead_letters import by_original, listed
 from application.errors import BrokerOperationError
-from application.messages import REPLAYED_AT_ATTR, TYPE_ATTR, Message
+from application.messages import TYPE_ATTR, Message
 from application.ports import DeadLetter, ReplayReport
 from infra.rabbitmq import message as amqp
 
@@ -33,19 +34,18 @@ class RabbitDeadLetters:
 
     async def list(self, *, limit: int | None = None) -> list[DeadLetter]:
         async with self._session() as (_, queue):
-            return [amqp.dead_letter_of(m) async for m in _take(queue, limit)]
+            groups = await _originals(queue)
+            return [listed(group, amqp.dead_letter_of) for group in groups[:limit]]
 
     async def replay(
         self, *, validate: Callable[[Message], object], limit: int | None = None, dry_run: bool = False
     ) -> ReplayReport:
+        """Each original once: one copy is published, then every copy of it is acked."""
         report = ReplayReport()
-        stamps: set[str] = set()  # the replayed-at headers of the copies this run published
         async with self._session() as (channel, queue):
             exchange = await channel.get_exchange(self._topology.exchange, ensure=False)
-            async for incoming in _take(queue, limit):
-                if amqp.text(incoming.headers.get(REPLAYED_AT_ATTR, "")) in stamps:
-                    continue  # replayed by this run and dead-lettered again: held for the next run, else
-                    # a worker failing it at once would keep this run going round forever
+            for group in (await _originals(queue))[:limit]:
+                incoming = group[0]
                 letter = amqp.dead_letter_of(incoming)
                 message_id = letter.message_id or f"(no id, tag {incoming.delivery_tag})"
                 try:
@@ -55,17 +55,19 @@ class RabbitDeadLetters:
                     continue
                 if not dry_run:
                     routing_key = letter.extra.get("routing_key") or letter.attributes.get(TYPE_ATTR, "")
-                    copy = amqp.replay_copy(incoming)
-                    stamps.add(amqp.text(copy.headers[REPLAYED_AT_ATTR]))
                     try:
-                        await exchange.publish(copy, routing_key=routing_key, mandatory=True)
+                        await exchange.publish(
+                            amqp.replay_copy(incoming), routing_key=routing_key, mandatory=True
+                        )
                     except Exception as exc:  # not confirmed / unroutable: it stays dead-lettered
                         report.invalid[message_id] = (
                             f"could not publish to {self._topology.exchange}: {exc!r}"
                         )
                         continue
-                    await incoming.ack()
-                    log.info("dlq.replayed", message_id=letter.message_id, routing_key=routing_key)
+                    for copy in group:
+                        await copy.ack()
+                    log.info("dlq.replayed", message_id=letter.message_id, routing_key=routing_key,
+                             copies=len(group))  # fmt: skip
                 report.replayed.append(message_id)
         return report
 
@@ -94,6 +96,13 @@ class RabbitDeadLetters:
         finally:
             if not channel.is_closed:
                 await channel.close()  # everything taken but not acked goes back, in order
+
+
+async def _originals(queue: AbstractQueue) -> list[list[AbstractIncomingMessage]]:
+    """Every dead letter, held, grouped by original message (oldest first). A session's channel holds
+    what it took until it closes, so a replayed copy that comes back to the DLQ is not taken again by
+    the same run."""
+    return by_original([m async for m in _take(queue, None)], amqp.dead_letter_of)
 
 
 async def _take(queue: AbstractQueue, limit: int | None) -> AsyncIterator[AbstractIncomingMessage]:

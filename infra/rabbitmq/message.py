@@ -1,28 +1,23 @@
-"""AMQP message <-> :class:`Message`, and the copies a RETRY, a DEAD_LETTER and a replay publish.
+"""AMQP message <-> :class:`Message`, and the AMQP copies a RETRY, a DEAD_LETTER and a replay publish.
 
 Headers become string attributes (``Message.attributes`` is ``str -> str``); headers RabbitMQ itself sets
 (``x-death``, ``x-delivery-count``, ...) are left out, and left off every copy we publish, so a message
-that went round the retry path does not grow. Copies keep the other headers with their original types.
+that went round the retry path does not grow. A copy's headers are those string attributes (built by
+``application.settle.copy_attributes``): whatever a publisher put in a header (bytes that are not UTF-8,
+tables, 40-digit numbers), the copy carries only values RabbitMQ accepts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from application.messages import (
-    ATTEMPT_ATTR,
-    ERROR_ATTR,
-    FIRST_SEEN_ATTR,
-    REASON_ATTR,
-    REPLAYED_AT_ATTR,
-    TYPE_ATTR,
-    Message,
-    Outcome,
-)
+from application.messages import REASON_ATTR, REPLAYED_AT_ATTR, TYPE_ATTR, Message
 from application.ports import DeadLetter
+from application.settle import dead_letter_from, read_message
 
 if TYPE_CHECKING:
     import aio_pika
@@ -31,14 +26,12 @@ if TYPE_CHECKING:
 # Where a message was first published, kept across the retry path (which re-routes it by queue name).
 ORIGINAL_EXCHANGE_ATTR = "x-incidentd-original-exchange"
 ORIGINAL_ROUTING_KEY_ATTR = "x-incidentd-original-routing-key"
-DEAD_LETTERED_AT_ATTR = "x-incidentd-dead-lettered-at"
 # On a replayed message: why it had been dead-lettered.
 REPLAYED_REASON_ATTR = "x-incidentd-replayed-reason"
 
-DELIVERY_COUNT = "x-delivery-count"  # quorum queues: earlier deliveries of this copy (0 on the first)
 BROKER_HEADERS = frozenset(
     {
-        DELIVERY_COUNT,
+        "x-delivery-count",  # quorum queues: a backstop (x-delivery-limit), not incidentd's attempt
         "x-death",
         "x-first-death-exchange",
         "x-first-death-queue",
@@ -48,24 +41,20 @@ BROKER_HEADERS = frozenset(
         "x-last-death-reason",
     }
 )
-# Set on a dead letter only; taken off again on replay.
-DEAD_LETTER_HEADERS = frozenset({REASON_ATTR, ERROR_ATTR, DEAD_LETTERED_AT_ATTR, ATTEMPT_ATTR})
+
+
+def attributes_of(incoming: AbstractIncomingMessage) -> dict[str, str]:
+    """The headers as string attributes, broker headers left out, the AMQP ``type`` as ``type``."""
+    attributes = {str(k): text(v) for k, v in incoming.headers.items() if k not in BROKER_HEADERS}
+    if TYPE_ATTR not in attributes and incoming.type:
+        attributes[TYPE_ATTR] = text(incoming.type)
+    return attributes
 
 
 def to_message(incoming: AbstractIncomingMessage) -> Message:
-    """The broker-neutral view of a delivery; ``attempt`` is the larger of the quorum delivery count
-    (+1) and our own attempt header."""
-    headers = incoming.headers
-    attributes = {k: text(v) for k, v in headers.items() if k not in BROKER_HEADERS}
-    if TYPE_ATTR not in attributes and incoming.type:
-        attributes[TYPE_ATTR] = incoming.type
-    return Message(
-        incoming.body, attributes, incoming.message_id or "", incoming.timestamp, attempt_of(headers)
+    return read_message(
+        incoming.body, attributes_of(incoming), text(incoming.message_id or ""), incoming.timestamp
     )
-
-
-def attempt_of(headers: Mapping[str, Any]) -> int:
-    return max(_int(headers.get(DELIVERY_COUNT), 0) + 1, _int(headers.get(ATTEMPT_ATTR), 1))
 
 
 def text(value: Any) -> str:
@@ -76,68 +65,39 @@ def text(value: Any) -> str:
         return value.decode("utf-8", "replace")
     if isinstance(value, datetime):
         return value.isoformat()
-    if isinstance(value, bool | int | float):
-        return str(value).lower() if isinstance(value, bool) else str(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return str(value)
     return json.dumps(value, default=str, separators=(",", ":"))
 
 
-def _int(value: Any, default: int) -> int:
-    try:
-        return int(value) if value is not None else default
-    except (TypeError, ValueError):
-        return default
-
-
-def own_headers(incoming: AbstractIncomingMessage) -> dict[str, Any]:
-    return {k: v for k, v in incoming.headers.items() if k not in BROKER_HEADERS}
-
-
-def provenance(incoming: AbstractIncomingMessage, message: Message) -> dict[str, Any]:
-    """First-seen time and original exchange / routing key: set once, kept by every later copy."""
-    headers = incoming.headers
-    first_seen = headers.get(FIRST_SEEN_ATTR) or (message.publish_time or datetime.now(UTC)).isoformat()
+def provenance(incoming: AbstractIncomingMessage, attributes: Mapping[str, str]) -> dict[str, str]:
+    """The original exchange / routing key: set once, kept by every later copy."""
     return {
-        FIRST_SEEN_ATTR: text(first_seen),
-        ORIGINAL_EXCHANGE_ATTR: text(headers.get(ORIGINAL_EXCHANGE_ATTR, incoming.exchange or "")),
-        ORIGINAL_ROUTING_KEY_ATTR: text(headers.get(ORIGINAL_ROUTING_KEY_ATTR, incoming.routing_key or "")),
+        ORIGINAL_EXCHANGE_ATTR: attributes.get(ORIGINAL_EXCHANGE_ATTR) or text(incoming.exchange or ""),
+        ORIGINAL_ROUTING_KEY_ATTR: attributes.get(ORIGINAL_ROUTING_KEY_ATTR)
+        or text(incoming.routing_key or ""),
     }
-
-
-def retry_copy(incoming: AbstractIncomingMessage, message: Message) -> aio_pika.Message:
-    headers = own_headers(incoming) | provenance(incoming, message)
-    headers[ATTEMPT_ATTR] = str(message.attempt + 1)
-    return copy_of(incoming, headers)
-
-
-def dead_letter_copy(
-    incoming: AbstractIncomingMessage, message: Message, outcome: Outcome
-) -> aio_pika.Message:
-    headers = own_headers(incoming) | provenance(incoming, message)
-    headers |= {
-        REASON_ATTR: outcome.reason,
-        ERROR_ATTR: outcome.error,
-        ATTEMPT_ATTR: str(message.attempt),
-        DEAD_LETTERED_AT_ATTR: datetime.now(UTC).isoformat(),
-    }
-    return copy_of(incoming, headers)
 
 
 def replay_copy(incoming: AbstractIncomingMessage) -> aio_pika.Message:
     """A dead letter as a fresh message: attempt 1 again, with where it has been."""
-    headers = {k: v for k, v in own_headers(incoming).items() if k not in DEAD_LETTER_HEADERS}
-    headers |= {
+    letter = dead_letter_of(incoming)
+    headers = dict(letter.attributes) | {
         REPLAYED_AT_ATTR: datetime.now(UTC).isoformat(),
-        REPLAYED_REASON_ATTR: text(incoming.headers.get(REASON_ATTR, "")),
+        REPLAYED_REASON_ATTR: letter.reason,
     }
     return copy_of(incoming, headers)
 
 
-def copy_of(incoming: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+def copy_of(incoming: AbstractIncomingMessage, headers: Mapping[str, str]) -> aio_pika.Message:
+    """``incoming`` with new headers; the message id is kept, so a copy has the original's identity."""
     import aio_pika
 
     return aio_pika.Message(
         incoming.body,
-        headers=headers,
+        headers=dict(headers),
         content_type=incoming.content_type,
         content_encoding=incoming.content_encoding,
         message_id=incoming.message_id,
@@ -165,21 +125,20 @@ def new_message(body: bytes, attributes: Mapping[str, str], message_id: str) -> 
 
 
 def dead_letter_of(incoming: AbstractIncomingMessage) -> DeadLetter:
-    headers = incoming.headers
-    attributes = {
-        k: text(v) for k, v in headers.items() if k not in BROKER_HEADERS and k not in DEAD_LETTER_HEADERS
-    }
-    if TYPE_ATTR not in attributes and incoming.type:
-        attributes[TYPE_ATTR] = incoming.type
-    return DeadLetter(
-        message_id=incoming.message_id or "",
-        body=incoming.body,
-        attributes=attributes,
-        reason=text(headers.get(REASON_ATTR, "")),
-        error=text(headers.get(ERROR_ATTR, "")),
-        attempts=_int(headers.get(ATTEMPT_ATTR), 1),
-        first_seen=_time(headers.get(FIRST_SEEN_ATTR)),
-        dead_lettered_at=_time(headers.get(DEAD_LETTERED_AT_ATTR)),
+    """What ``dlq list`` shows. A message RabbitMQ dead-lettered itself (past the main queue's delivery
+    limit) has no reason of ours; its reason says so."""
+    attributes = attributes_of(incoming)
+    native = text(incoming.headers.get("x-first-death-reason") or "")
+    if native and REASON_ATTR not in attributes:
+        attributes[REASON_ATTR] = (
+            f"dead-lettered by RabbitMQ ({native}) from queue "
+            f"{text(incoming.headers.get('x-first-death-queue') or '?')}: it was delivered more often than "
+            "the queue's x-delivery-limit without being settled (did it break the consumer's connection?)"
+        )
+    return dead_letter_from(
+        text(incoming.message_id or ""),
+        incoming.body,
+        attributes,
         extra={
             "exchange": attributes.get(ORIGINAL_EXCHANGE_ATTR, ""),
             "routing_key": attributes.get(ORIGINAL_ROUTING_KEY_ATTR, ""),
@@ -187,10 +146,34 @@ def dead_letter_of(incoming: AbstractIncomingMessage) -> DeadLetter:
     )
 
 
-def _time(value: Any) -> datetime | None:
-    if isinstance(value, datetime):
-        return value
-    try:
-        return datetime.fromisoformat(text(value)) if value else None
-    except ValueError:
-        return None
+def tolerate_out_of_range_timestamps() -> None:
+    """Make pamqp read an AMQP ``timestamp`` it cannot represent instead of failing the whole frame.
+
+    pamqp 4 reads the 64-bit value as seconds (milliseconds above 2**32) and raises on a year past 9999:
+    one message published with a timestamp in microseconds or nanoseconds then drops the consumer's
+    connection at every delivery, and the valid messages behind it wait for ever (reported upstream:
+    docs/rabbitmq.md). Here such a value is read by its magnitude (µs, ns), or as no timestamp at all.
+    Installed once, before the first connection; idempotent.
+    """
+    import struct
+
+    from pamqp import decode
+
+    original = decode.METHODS["timestamp"]
+    if getattr(original, "incidentd_tolerant", False):
+        return
+
+    def timestamp(value: bytes) -> tuple[int, datetime | None]:
+        try:
+            return original(value)  # type: ignore[return-value]  # a datetime for this type
+        except (ValueError, OverflowError, OSError):
+            (raw,) = struct.unpack(">Q", value[0:8])
+            for divisor in (1e6, 1e9):
+                with contextlib.suppress(ValueError, OverflowError, OSError):
+                    return 8, datetime.fromtimestamp(raw / divisor, tz=UTC)
+            return 8, None
+
+    timestamp.incidentd_tolerant = True  # type: ignore[attr-defined]
+    timestamp.original = original  # type: ignore[attr-defined]
+    decode.METHODS["timestamp"] = timestamp
+    decode.TABLE_MAPPING[b"T"] = timestamp

@@ -1,13 +1,12 @@
 """Consumes the main queue and maps each outcome onto RabbitMQ - the only place incidentd acks.
 
-* ACK -> ack.
-* RETRY -> publish a copy (attempt + 1) to the retry queue for the delay, wait for the publisher confirm,
-  then ack the original.
-* DEAD_LETTER -> publish a copy with reason / error / attempts / first-seen / original routing to
-  ``<queue>.dlq``, wait for the confirm, then ack the original.
+``application.settle`` decides; this module provides its three operations:
 
-If the copy is not confirmed, the original is nacked (requeued) instead: it is redelivered, never lost.
-No copy is published for a delivery whose channel has closed: RabbitMQ has requeued it already.
+* ack -> coalesced ``basic.ack`` (below);
+* requeue -> ``basic.nack(requeue=True)`` (a hand-back; ``x-delivery-count`` is not incidentd's attempt);
+* publish_copy -> a RETRY's copy to the retry queue for its delay, a DEAD_LETTER's copy to
+  ``<queue>.dlq``, through the confirming publish channel. No copy is published for a delivery whose
+  channel has closed: RabbitMQ has requeued it already.
 
 Acks are coalesced per channel (see :class:`Acks`): one ``basic.ack(multiple=True)`` covers a contiguous
 run of finished deliveries, which is what lets the worker beat a plain per-message-ack consumer.
@@ -17,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -33,11 +32,15 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("incidentd.rabbitmq")
 
+CLOSE_ROUND_TRIP_TIMEOUT = 5.0  # for the synchronous round trip after the last ack, before the close
 # Delivery states in an Acks window.
 _RUNNING, _TO_ACK, _SETTLED = 0, 1, 2
 
 
 class RabbitDelivery:
+    """``ack`` is buffered and sent within the ack interval (or by ``close()``); ``requeue`` is a nack
+    with requeue, sent at once; ``publish_copy`` returns once RabbitMQ confirmed the copy."""
+
     __slots__ = ("_acks", "_subscriber", "incoming", "message", "state", "tag")
 
     def __init__(
@@ -50,18 +53,16 @@ class RabbitDelivery:
         self._subscriber = subscriber
         self._acks = acks
 
-    async def settle(self, outcome: Outcome) -> None:
-        """RETRY / DEAD_LETTER return once the copy is confirmed; the ack itself (for every outcome) is
-        buffered and sent within the ack interval, or by ``close()``."""
-        if outcome.disposition is not Disposition.ACK:
-            try:
-                if self._acks.channel.is_closed:  # RabbitMQ has requeued the original: a copy would be a twin
-                    raise ChannelInvalidStateError("the delivery's channel is closed; RabbitMQ redelivers it")
-                await self._subscriber.publish_copy(self, outcome)
-            except BaseException:
-                await self._acks.nack(self)  # not confirmed: hand the original back, never drop it
-                raise
+    async def ack(self) -> None:
         self._acks.finished(self)
+
+    async def requeue(self) -> None:
+        await self._acks.nack(self)
+
+    async def publish_copy(self, attributes: Mapping[str, str], outcome: Outcome) -> None:
+        if self._acks.channel.is_closed:  # RabbitMQ has requeued the original: a copy would be a twin
+            raise ChannelInvalidStateError("the delivery's channel is closed; RabbitMQ redelivers it")
+        await self._subscriber.publish_copy(self, attributes, outcome)
 
 
 class Acks:
@@ -245,17 +246,19 @@ class RabbitSubscriber:
             self._all_acks = [a for a in self._all_acks if not a.channel.is_closed] + [acks]
         return acks
 
-    async def publish_copy(self, delivery: RabbitDelivery, outcome: Outcome) -> None:
+    async def publish_copy(
+        self, delivery: RabbitDelivery, attributes: Mapping[str, str], outcome: Outcome
+    ) -> None:
         """Publish the copy that replaces a delivery and wait for RabbitMQ's confirm."""
         if outcome.disposition is Disposition.RETRY:
-            copy = amqp.retry_copy(delivery.incoming, delivery.message)
             target = self._topology.retry_target(outcome.delay)
         else:
-            copy = amqp.dead_letter_copy(delivery.incoming, delivery.message, outcome)
             target = self._topology.dlq
+        headers = dict(attributes) | amqp.provenance(delivery.incoming, attributes)
         await self._publish_channel.default_exchange.publish(
-            copy, routing_key=target, mandatory=True, timeout=self._confirm_timeout
-        )
+            amqp.copy_of(delivery.incoming, headers), routing_key=target, mandatory=True,
+            timeout=self._confirm_timeout,
+        )  # fmt: skip
 
     async def stop(self) -> None:
         """Stop consuming; deliveries that arrive from now on are requeued at once."""
@@ -268,11 +271,23 @@ class RabbitSubscriber:
         self._consumer_tag = None
 
     async def close(self) -> None:
-        """Send every buffered ack, then close the consumer channel (anything unacked goes back)."""
+        """Send every buffered ack, make sure RabbitMQ has processed them, then close the consumer channel
+        (anything unacked goes back).
+
+        A quorum queue can drop acks still in flight when their channel closes (rabbitmq-server#10327):
+        a rolling restart then redelivered dozens of deliveries the stopping worker had settled. So after
+        the last ack, one synchronous round trip on that same channel (``basic.qos``, answered only after
+        every frame before it was processed), and only then ``channel.close``."""
         for acks in self._all_acks:
             await acks.close()
         self._all_acks = []
         self._acks = None
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
-        self._channel = None
+        channel, self._channel = self._channel, None
+        if channel is None or channel.is_closed:
+            return
+        try:
+            await asyncio.wait_for(channel.set_qos(prefetch_count=self._prefetch), CLOSE_ROUND_TRIP_TIMEOUT)
+        except Exception as exc:  # channel or connection gone: RabbitMQ redelivers what was not acked
+            log.warning("rabbitmq.ack_round_trip_failed", error=repr(exc))
+        if not channel.is_closed:
+            await channel.close()

@@ -7,8 +7,8 @@
                                                    v
         +------------------------------------> queue <Q> (quorum by default) --> worker
         |                                          ^
-        | TTL expires: dead-lettered back          | RETRY with delay <= 0 (shutdown hand-back)
-        |                                          | goes straight to <Q>
+        | TTL expires: dead-lettered back          | RETRY with delay <= 0 (shutdown hand-back):
+        |                                          | nack with requeue (not an attempt)
     <Q>.retry.<ms>ms (one per delay in retry_backoff; message TTL = the delay)
         ^
         | RETRY with delay d: the smallest retry queue >= d, else the largest
@@ -22,13 +22,20 @@ a changed ``retry_backoff`` adds new retry queues (old, empty ones can be delete
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from application.settle import MAX_RETRY_DELAY
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
     from config.settings import Settings
+
+log = structlog.get_logger("incidentd.rabbitmq")
 
 # AMQP's prefetch-count is a 16-bit field.
 MAX_PREFETCH = 65_535
@@ -40,11 +47,15 @@ class Topology:
     queue: str
     queue_type: str = "quorum"
     retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0)
+    delivery_limit: int = 20
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
-        delays = tuple(sorted({d for d in settings.retry_backoff if d > 0}))
-        return cls(settings.rabbitmq_exchange, settings.rabbitmq_queue, settings.rabbitmq_queue_type, delays)
+        delays = tuple(sorted({min(d, MAX_RETRY_DELAY) for d in settings.retry_backoff if d > 0}))
+        return cls(
+            settings.rabbitmq_exchange, settings.rabbitmq_queue, settings.rabbitmq_queue_type, delays,
+            settings.rabbitmq_delivery_limit,
+        )  # fmt: skip
 
     @property
     def dlq(self) -> str:
@@ -68,7 +79,31 @@ class Topology:
         )
 
     def main_arguments(self) -> dict[str, Any]:
-        return {"x-queue-type": self.queue_type}
+        """Quorum: an explicit delivery limit, past which RabbitMQ dead-letters (at least once) to the
+        DLQ. RabbitMQ 4.x defaults to a limit of 20 and *drops* messages past it without a dead-letter
+        exchange; 3.x has no limit, so one message that breaks the consumer's connection (a frame the
+        client cannot decode) would come back first for ever. Classic queues count no deliveries."""
+        if self.queue_type != "quorum":
+            return {"x-queue-type": self.queue_type}
+        return {
+            "x-queue-type": self.queue_type,
+            "x-delivery-limit": self.delivery_limit,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self.dlq,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",  # at-least-once dead-lettering requires it
+        }
+
+    def policy_definition(self) -> dict[str, Any]:
+        """The same backstop as a policy, for a queue declared before incidentd set it (its arguments
+        cannot change: docs/rabbitmq.md)."""
+        return {
+            "delivery-limit": self.delivery_limit,
+            "dead-letter-exchange": "",
+            "dead-letter-routing-key": self.dlq,
+            "dead-letter-strategy": "at-least-once",
+            "overflow": "reject-publish",
+        }
 
     def retry_arguments(self, delay: float) -> dict[str, Any]:
         arguments: dict[str, Any] = {
@@ -99,9 +134,22 @@ async def declare(channel: AbstractChannel, topology: Topology) -> tuple[Abstrac
         await channel.declare_queue(
             topology.retry_queue(delay), durable=True, arguments=topology.retry_arguments(delay)
         )
-    await channel.declare_queue(topology.dlq, durable=True, arguments=topology.main_arguments())
+    await channel.declare_queue(topology.dlq, durable=True, arguments={"x-queue-type": topology.queue_type})
     return exchange, queue
 
 
 async def declare_main_queue(channel: AbstractChannel, topology: Topology) -> AbstractQueue:
-    return await channel.declare_queue(topology.queue, durable=True, arguments=topology.main_arguments())
+    """Declare the main queue; one declared earlier with other arguments (before incidentd set a delivery
+    limit) is used as it is, with a warning naming the policy that gives it the backstop."""
+    from aio_pika.exceptions import ChannelPreconditionFailed
+
+    try:
+        return await channel.declare_queue(topology.queue, durable=True, arguments=topology.main_arguments())
+    except ChannelPreconditionFailed as exc:
+        log.warning(
+            "rabbitmq.queue_arguments_differ", queue=topology.queue, error=str(exc),
+            note="the queue was declared with other arguments; set the backstop as a policy "
+            "(docs/rabbitmq.md, 'Delivery limit')", policy=json.dumps(topology.policy_definition()),
+        )  # fmt: skip
+    await channel.reopen()
+    return await channel.declare_queue(topology.queue, passive=True)

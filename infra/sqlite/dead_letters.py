@@ -59,8 +59,11 @@ class SqliteDeadLetters:
         )
 
     async def list(self, *, limit: int | None = None) -> list[DeadLetter]:
-        sql = "SELECT message_id, body, attributes, reason, error, attempts, first_seen, dead_lettered_at"
-        sql += " FROM dead_letters ORDER BY seq LIMIT ?"
+        """One entry per original message (its oldest copy, with the number of copies), oldest first."""
+        sql = "SELECT message_id, body, attributes, reason, error, attempts, first_seen, dead_lettered_at,"
+        sql += " copies FROM (SELECT *, count(*) OVER (PARTITION BY message_id) AS copies,"
+        sql += " row_number() OVER (PARTITION BY message_id ORDER BY seq) AS nth FROM dead_letters)"
+        sql += " WHERE nth = 1 OR message_id = '' ORDER BY seq LIMIT ?"
         async with self._db.execute(sql, (-1 if limit is None else limit,)) as cursor:
             rows = await cursor.fetchall()
         return [
@@ -73,6 +76,7 @@ class SqliteDeadLetters:
                 attempts=r[5],
                 first_seen=datetime.fromisoformat(r[6]) if r[6] else None,
                 dead_lettered_at=datetime.fromisoformat(r[7]),
+                copies=r[8] if r[0] else 1,
             )
             for r in rows
         ]

@@ -26,7 +26,7 @@ from application.commands import Command
 from application.dispatcher import Context, Dispatcher, RetryPolicy, bind
 from application.errors import TransientError
 from application.factory import CommandFactory
-from application.messages import TYPE_ATTR, Outcome
+from application.messages import ATTEMPT_ATTR, NOT_BEFORE_ATTR, TYPE_ATTR, Outcome
 from application.ports import Broker
 from application.worker import DrainReport, run_worker
 
@@ -237,6 +237,85 @@ class BrokerContract:
                 await eventually(lambda: ledger.effects["slow"] == 1)
                 await stop()
             assert await broker.dead_letters.list() == []
+            await eventually(lambda: _is_zero(backlog(broker)))
+
+    async def test_a_hand_back_at_shutdown_is_not_an_attempt(
+        self, open_broker: OpenBroker, backlog: Backlog
+    ) -> None:
+        """Deliveries still waiting for a handler slot when a worker stops are handed back, and the next
+        worker runs them at attempt 1: a rolling restart never brings a message closer to its dead
+        letter (a hand-back used to count as an attempt on every broker)."""
+        ledger = Ledger()
+        ledger.delay = 0.3
+        keys = [f"h{i}" for i in range(10)]
+        async with open_broker() as broker:
+            await publish_records(broker, keys)
+            async with running(broker, make_dispatcher(ledger, concurrency=1)) as stop:
+                await ledger.started.wait()
+                await stop()
+            assert 0 < sum(ledger.effects.values()) < len(keys)
+        ledger.delay = 0
+        async with open_broker() as broker:
+            async with running(broker, make_dispatcher(ledger)) as stop:
+                await eventually(lambda: sum(ledger.effects.values()) >= len(keys))
+                await stop()
+            assert ledger.effects == Counter(keys)
+            assert {attempt for _, attempt in ledger.calls} == {1}
+            await eventually(lambda: _is_zero(backlog(broker)))
+
+    async def test_unreadable_numbers_in_attributes_are_one_dead_letter_each(
+        self, open_broker: OpenBroker, backlog: Backlog
+    ) -> None:
+        """An attempt attribute that is not a whole number, or a not-before that is not a finite number
+        (``Retry-After: inf`` once became one), makes that message one dead letter naming the attribute,
+        on its first delivery. A 40-digit attempt is clamped, not an error. The valid messages published
+        with them are handled once each."""
+        ledger = Ledger()
+        outcomes: list[Outcome] = []
+        hostile = {
+            "a-float": {ATTEMPT_ATTR: "2.0"},
+            "a-word": {ATTEMPT_ATTR: "abc"},
+            "a-huge-float": {ATTEMPT_ATTR: "1e309"},
+            "nb-inf": {NOT_BEFORE_ATTR: "inf"},
+            "nb-word": {NOT_BEFORE_ATTR: "soon"},
+        }
+        async with open_broker() as broker:
+            for key, attributes in hostile.items():
+                body = Record(key=key).model_dump_json().encode()
+                await broker.publisher.publish(body, {TYPE_ATTR: Record.TYPE, **attributes})
+            await broker.publisher.publish(
+                Record(key="big").model_dump_json().encode(), {TYPE_ATTR: Record.TYPE, ATTEMPT_ATTR: "9" * 40}
+            )
+            await publish_records(broker, ["ok1", "ok2"])
+            async with running(broker, make_dispatcher(ledger, outcomes)) as stop:
+                await eventually(lambda: _listed(broker, len(hostile)))
+                await eventually(lambda: len(outcomes) == len(hostile) + 3)
+                await stop()
+            assert ledger.effects == Counter(["big", "ok1", "ok2"])
+            letters = {Record.model_validate_json(x.body).key: x for x in await broker.dead_letters.list()}
+            assert set(letters) == set(hostile)
+            for key, attributes in hostile.items():
+                [name] = attributes
+                assert f"unreadable attribute {name}" in letters[key].reason, letters[key].reason
+                assert letters[key].attempts == 1
+            await eventually(lambda: _is_zero(backlog(broker)))
+
+    async def test_dead_letter_copies_of_one_message_are_listed_once_with_their_count(
+        self, open_broker: OpenBroker, backlog: Backlog
+    ) -> None:
+        """Two dead-letter copies of one message id (what a worker killed between the copy's confirm and
+        the original's ack leaves behind) are one entry in ``dlq list``, with ``copies == 2``; other
+        dead letters are unaffected."""
+        outcomes: list[Outcome] = []
+        async with open_broker() as broker:
+            for message_id in ("twice", "twice", "once"):
+                await broker.publisher.publish(b"{not json", {TYPE_ATTR: Record.TYPE}, message_id=message_id)
+            async with running(broker, make_dispatcher(Ledger(), outcomes)) as stop:
+                await eventually(lambda: len(outcomes) == 3)
+                await eventually(lambda: _listed(broker, 2))
+                await stop()
+            letters = await broker.dead_letters.list()
+            assert sorted((x.message_id, x.copies) for x in letters) == [("once", 1), ("twice", 2)]
             await eventually(lambda: _is_zero(backlog(broker)))
 
 

@@ -8,7 +8,9 @@ import sqlite3
 from collections.abc import AsyncIterator
 
 import pytest
+from structlog.testing import capture_logs
 
+from application.messages import FIRST_SEEN_ATTR
 from application.ports import Broker, DeadLetter
 from infra.memory import MemoryBroker
 from infra.sqlite.dead_letters import SqliteDeadLetters
@@ -59,5 +61,22 @@ async def test_a_dead_letter_that_could_not_be_stored_is_handed_back_not_lost() 
             await asyncio.wait_for(broker.wait_idle(), 10)
         [letter] = await broker.dead_letters.list()
         assert letter.body == b"not json" and "undecodable" in letter.reason
+    finally:
+        await broker.close()
+
+
+async def test_a_garbage_first_seen_time_does_not_stop_the_dead_letter_step() -> None:
+    """A message carrying an unreadable ``x-incidentd-first-seen`` is dead-lettered once (its first-seen
+    time is the publish time); the dead-letter step used to raise on it, hand the message back and
+    loop (37,000 ``settle_failed`` lines in 10 s, ``worker --from`` never ending)."""
+    broker = MemoryBroker(await SqliteDeadLetters.open(":memory:"), prefetch=4)
+    try:
+        await broker.publisher.publish(b"not json", {FIRST_SEEN_ATTR: "yesterday-ish"})
+        with capture_logs() as logs:
+            async with running(broker, make_dispatcher(Ledger())):
+                await asyncio.wait_for(broker.wait_idle(), 10)
+        [letter] = await broker.dead_letters.list()
+        assert letter.first_seen is not None and "undecodable" in letter.reason
+        assert not [e for e in logs if e["event"] == "message.settle_failed"]
     finally:
         await broker.close()

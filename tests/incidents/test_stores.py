@@ -39,6 +39,15 @@ class Delivery:
             raise ConnectionError("connection lost before the ack")
         self.outcome = outcome
 
+    async def ack(self) -> None:  # what application.settle calls
+        await self.settle(Outcome.ack())
+
+    async def requeue(self) -> None:
+        await self.settle(Outcome.retry(0.0, "requeued"))
+
+    async def publish_copy(self, attributes: object, outcome: Outcome) -> None:
+        await self.settle(outcome)
+
 
 def firing(fingerprint: str = "fp-1", message_id: str | None = None, **alert: Any) -> Message:
     data = payload("alertmanager_firing")

@@ -15,7 +15,8 @@ from tests.pubsub.conftest import waiting
 
 
 class TestPubSubBroker(BrokerContract):
-    """With the native dead-letter policy as a backstop (so Pub/Sub also counts deliveries)."""
+    """With the native dead-letter policy as a backstop (Pub/Sub counts deliveries; incidentd's attempt
+    is its own attribute, so nacks at shutdown and parks are not attempts)."""
 
     max_delivery_attempts = 20
 
@@ -46,6 +47,6 @@ class TestPubSubBroker(BrokerContract):
 
 
 class TestPubSubBrokerWithoutDeadLetterPolicy(TestPubSubBroker):
-    """No dead-letter policy: no ``delivery_attempt``; attempts come from incidentd's attribute alone."""
+    """No dead-letter policy: no ``delivery_attempt``; attempts come from incidentd's attribute."""
 
     max_delivery_attempts = 0

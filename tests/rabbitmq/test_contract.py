@@ -15,7 +15,8 @@ from tests.rabbitmq.conftest import queue_depth
 
 
 class TestRabbitBroker(BrokerContract):
-    """Quorum queues (the default): attempts also come from ``x-delivery-count``."""
+    """Quorum queues (the default), with the explicit delivery limit as a backstop; attempts come from
+    incidentd's own header (``x-delivery-count`` also counts hand-backs)."""
 
     queue_type = "quorum"
 
@@ -42,6 +43,6 @@ class TestRabbitBroker(BrokerContract):
 
 
 class TestRabbitBrokerClassicQueues(TestRabbitBroker):
-    """Classic queues: no delivery count, attempts come from incidentd's own header alone."""
+    """Classic queues: no delivery count or limit; attempts come from incidentd's own header."""
 
     queue_type = "classic"

@@ -169,6 +169,25 @@ async def test_a_replay_run_replays_each_dead_letter_once_even_if_it_returns(set
     await eventually(lambda: _depth_is([topology.dlq], 2))  # the copies it held, back in place
 
 
+async def test_two_copies_of_one_dead_letter_are_listed_and_replayed_once(settings: Settings) -> None:
+    """Two dead-letter copies with the same message id (a worker SIGKILLed between the copy's confirm
+    and the original's ack) are one ``dlq list`` entry with ``copies == 2``; ``dlq replay`` publishes
+    the message once and removes both copies (it used to replay both: a duplicate effect)."""
+    topology = Topology.from_settings(settings)
+    async with open_broker(settings) as broker:
+        await broker.setup()
+        body = Record(key="k").model_dump_json().encode()
+        for _ in range(2):
+            await broker.publisher.publish(body, {TYPE_ATTR: Record.TYPE}, message_id="same-id")
+        await _move_all(topology.queue, topology.dlq)
+        [letter] = await broker.dead_letters.list()
+        assert (letter.message_id, letter.copies) == ("same-id", 2)
+        report = await broker.dead_letters.replay(validate=CommandFactory([Record]).decode)
+    assert report.replayed == ["same-id"]
+    assert await queue_depth([topology.queue]) == 1
+    await eventually(lambda: _depth_is([topology.dlq], 0))
+
+
 async def _move_all(source: str, target: str) -> None:
     connection = await aio_pika.connect(URL)
     async with connection:

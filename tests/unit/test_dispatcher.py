@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+from collections.abc import Mapping
 
+import orjson
 import pytest
 import structlog
 from structlog.testing import capture_logs
@@ -12,7 +16,8 @@ from application.commands import Command
 from application.dispatcher import Context, Dispatcher, RetryPolicy, bind
 from application.errors import PermanentError, TransientError
 from application.factory import CommandFactory
-from application.messages import Disposition, Message, Outcome
+from application.messages import ATTEMPT_ATTR, NOT_BEFORE_ATTR, Disposition, Message, Outcome
+from application.settle import MAX_ATTEMPT, MAX_RETRY_DELAY, read_message
 
 
 class Ping(Command):
@@ -21,14 +26,29 @@ class Ping(Command):
 
 
 class FakeDelivery:
-    """Records the outcome it is settled with; settling twice is a failure."""
+    """Records what ``application.settle`` asked the broker to do; settling twice is a failure.
+
+    ``outcomes`` holds what the broker did, as an outcome: ACK for an ack alone, the copy's outcome for
+    a copy then ack, RETRY with no delay for a requeue (a hand-back)."""
 
     def __init__(self, message: Message) -> None:
         self.message = message
         self.outcomes: list[Outcome] = []
+        self.copies: list[dict[str, str]] = []
         self.settled = asyncio.Event()
+        self._copied: Outcome | None = None
 
-    async def settle(self, outcome: Outcome) -> None:
+    async def ack(self) -> None:
+        self._done(self._copied or Outcome.ack())
+
+    async def requeue(self) -> None:
+        self._done(Outcome.retry(0.0, "requeued"))
+
+    async def publish_copy(self, attributes: Mapping[str, str], outcome: Outcome) -> None:
+        self.copies.append(dict(attributes))
+        self._copied = outcome
+
+    def _done(self, outcome: Outcome) -> None:
         assert not self.outcomes, "settled twice"
         self.outcomes.append(outcome)
         self.settled.set()
@@ -226,12 +246,13 @@ async def test_drain_deadline_cancels_and_retries_what_is_still_running():
 
     d = dispatcher(handler)
     item = delivery()
-    d.submit(item)
-    await asyncio.sleep(0.01)
-    assert await d.drain(0.05) == 1
+    with capture_logs() as logs:
+        d.submit(item)
+        await asyncio.sleep(0.01)
+        assert await d.drain(0.05) == 1
     [outcome] = item.outcomes
-    assert outcome.disposition is Disposition.RETRY
-    assert "cancelled at shutdown" in outcome.reason
+    assert outcome.disposition is Disposition.RETRY and outcome.delay == 0  # a requeue
+    assert "cancelled at shutdown" in next(e["reason"] for e in logs if e["event"] == "message.retry")
 
 
 async def test_settle_failure_is_logged_and_does_not_crash_the_worker():
@@ -242,7 +263,7 @@ async def test_settle_failure_is_logged_and_does_not_crash_the_worker():
         return None
 
     class Broken(FakeDelivery):
-        async def settle(self, outcome: Outcome) -> None:
+        async def ack(self) -> None:
             self.settled.set()
             raise ConnectionError("channel closed")
 
@@ -295,3 +316,74 @@ async def test_a_message_without_an_id_is_named_by_its_idempotency_key():
     assert (await outcome_of(dispatcher(handler), item)).disposition is Disposition.ACK
     [(message_id, key)] = seen
     assert message_id == key and key.startswith("sha256:")
+
+
+class ExplodingFactory(CommandFactory):
+    """A decoder with a bug for some input (an ``aws.event`` whose source is a list once raised
+    ``TypeError: unhashable``)."""
+
+    def decode(self, message: Message) -> Command:
+        raise TypeError("unhashable type: 'list'")
+
+
+async def test_any_exception_from_decoding_is_one_dead_letter_with_the_reason():
+    """Not only DecodeError: whatever a decoder raises, the delivery is settled once, as a dead letter
+    naming the error (it used to stay unsettled, holding its prefetch slot until the channel closed)."""
+
+    async def handler(cmd: Ping, ctx: Context) -> None: ...
+
+    d = Dispatcher(ExplodingFactory([Ping]), bind({Ping: [handler]}, {}), concurrency=2, timeout=5)
+    outcome = await outcome_of(d, delivery())
+    assert outcome.disposition is Disposition.DEAD_LETTER
+    assert "TypeError: unhashable type: 'list'" in outcome.reason
+
+
+async def test_a_failing_receiver_or_observer_does_not_leave_the_delivery_unsettled():
+    """A metric hook that raises is logged; the delivery still gets its one outcome."""
+
+    async def handler(cmd: Ping, ctx: Context) -> None: ...
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("metrics backend gone")
+
+    d = Dispatcher(
+        CommandFactory([Ping]), bind({Ping: [handler]}, {}), concurrency=2, timeout=5,
+        receivers=[broken], observers=[broken],
+    )  # fmt: skip
+    with capture_logs() as logs:
+        assert (await outcome_of(d, delivery())).disposition is Disposition.ACK
+    events = [e["event"] for e in logs]
+    assert "message.receiver_failed" in events and "message.observer_failed" in events
+
+
+@pytest.mark.parametrize("retry_after", [3600.0, float("inf")])
+async def test_a_long_retry_after_is_capped_at_the_one_maximum_delay(retry_after: float):
+    """A handler asking to be retried in an hour (a GitHub rate limit) or never (``Retry-After: inf``)
+    gets the longest redelivery delay every broker applies, ``MAX_RETRY_DELAY`` (600 s), and its copy is
+    due then."""
+
+    async def handler(cmd: Ping, ctx: Context) -> None:
+        raise TransientError("rate limited", retry_after=retry_after)
+
+    item = delivery()
+    outcome = await outcome_of(dispatcher(handler, in_process_attempts=1), item)
+    assert outcome.disposition is Disposition.RETRY and outcome.delay == MAX_RETRY_DELAY
+    [copy] = item.copies
+    assert float(copy[NOT_BEFORE_ATTR]) - time.time() == pytest.approx(MAX_RETRY_DELAY, abs=5)
+    assert copy[ATTEMPT_ATTR] == "2"
+
+
+async def test_a_40_digit_attempt_header_still_gives_one_json_log_line_per_outcome():
+    """The attempt read from a message is clamped: a 40-digit ``x-incidentd-attempt`` is logged (and
+    counted) like any other, instead of failing the JSON renderer ("Integer exceeds 64-bit range")."""
+
+    async def handler(cmd: Ping, ctx: Context) -> None: ...
+
+    message = read_message(
+        Ping().model_dump_json().encode(), {"type": Ping.TYPE, ATTEMPT_ATTR: "9" * 40}, "m"
+    )
+    render = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        assert (await outcome_of(dispatcher(handler), FakeDelivery(message))).disposition is Disposition.ACK
+    [line] = [e for e in logs if e["event"] == "message.acked"]
+    assert json.loads(render(None, "info", dict(line)))["attempt"] == MAX_ATTEMPT

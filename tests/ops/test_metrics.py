@@ -11,7 +11,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import _start_ops
+from app import _ops_ready, _start_ops
 from application.commands import Command
 from application.dispatcher import Context, Dispatcher, bind
 from application.factory import CommandFactory
@@ -119,13 +119,13 @@ async def test_the_worker_container_counts_received_and_outcomes(tmp_path: Path)
 class SettleFails(FakeDelivery):
     """A delivery whose broker connection dropped before its outcome could be sent."""
 
-    async def settle(self, outcome: Outcome) -> None:
+    async def ack(self) -> None:
         self.settled.set()
         raise ConnectionError("connection lost before the ack")
 
 
 async def worker_metrics(tmp_path: Path, dispatcher_test: Any) -> dict[str, Any]:
-    """Start the worker's ops server the way `app.py worker` does (app._start_ops), run
+    """Start the worker's ops server the way `app.py worker` does (app._start_ops, app._ops_ready), run
     ``dispatcher_test(dispatcher)``, and return the unlabelled samples /metrics shows then (and
     incidentd_build_info's labels, as "build <label>")."""
     settings = load(sqlite_path=tmp_path / "incidentd.db", ops_host="127.0.0.1", ops_port=0, concurrency=1)
@@ -133,8 +133,9 @@ async def worker_metrics(tmp_path: Path, dispatcher_test: Any) -> dict[str, Any]
     broker = SimpleNamespace(subscriber=SimpleNamespace(connected=True))
     try:
         dispatcher: Dispatcher = await container.dispatcher()  # type: ignore[misc]
-        server = await _start_ops(settings, container, broker, dispatcher)
+        server = await _start_ops(settings, container)
         assert server is not None
+        await _ops_ready(server, container, broker, dispatcher)
         try:
             await dispatcher_test(dispatcher)
             _, text = await get(f"http://127.0.0.1:{server.port}/metrics")

@@ -4,6 +4,7 @@ command or one DecodeError with a reason, and no decoded command fails in a hand
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import pytest
@@ -52,7 +53,16 @@ class _Settled:
         self.outcome: Outcome | None = None
         self._settled = settled
 
-    async def settle(self, outcome: Outcome) -> None:
+    async def ack(self) -> None:
+        self._settle(self.outcome or Outcome.ack())
+
+    async def requeue(self) -> None:
+        self._settle(Outcome.retry(0.0, "requeued"))
+
+    async def publish_copy(self, attributes: Mapping[str, str], outcome: Outcome) -> None:
+        self.outcome = outcome  # the copy's outcome; the ack that follows settles it
+
+    def _settle(self, outcome: Outcome) -> None:
         self.outcome = outcome
         self._settled.put_nowait(outcome)
 

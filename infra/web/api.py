@@ -130,13 +130,13 @@ def parse_params(model: type[BaseModel], request: web.Request) -> Any:
         raise Problem(400, "invalid-query", validation_reason(exc)) from None
 
 
-def validation_reason(exc: ValidationError) -> str:
+def validation_reason(exc: ValidationError, unknown: str = "unknown parameter") -> str:
     reasons = []
     for error in exc.errors(include_url=False):
         where = ".".join(str(part) for part in error["loc"][:1]) or "query"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            message = "unknown parameter"
+            message = unknown
         reasons.append(f"{where}: {message}")
     return "; ".join(reasons)
 
@@ -308,7 +308,7 @@ async def post_action(request: web.Request) -> web.Response:
     try:
         body = ActionBody.model_validate_json(raw) if raw.strip() else ActionBody()
     except ValidationError as exc:
-        raise Problem(400, "invalid-body", validation_reason(exc)) from None
+        raise Problem(400, "invalid-body", validation_reason(exc, "unknown field")) from None
     if action == "notes" and not body.note.strip():
         raise Problem(400, "invalid-body", "note: a note needs some text")
     message_id = await act(request, incident, action, body.note, request.headers.get("Idempotency-Key"))

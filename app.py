@@ -252,7 +252,7 @@ async def _front_door(
     from infra.web.server import HttpServer, build_deps
 
     deps = build_deps(settings, broker, container.metrics().registry, auth.tokens, container.handlers())
-    deps = dataclasses.replace(deps, store=store)
+    deps = dataclasses.replace(deps, store=store, refresh_seconds=settings.http_dashboard_refresh)
     server = HttpServer(
         make_app(deps), settings.http_host, settings.http_port, shutdown_timeout=settings.shutdown_timeout
     )

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -228,6 +227,13 @@ async def _incident(request: web.Request) -> Incident:
     return incident
 
 
+def _form_key(incident: Incident) -> str:
+    """The buttons' idempotency key: the incident as the page showed it. A double click, or the same form
+    sent twice, is one message; once the incident changed, the page (refreshed) carries a new key."""
+    seen = f"{incident.id}:{len(incident.timeline)}:{incident.status}".encode()
+    return hashlib.sha256(seen).hexdigest()[:24]
+
+
 @routes.get("/incidents/{id}", name="incident-page")
 @html_errors
 async def incident_page(request: web.Request) -> web.Response:
@@ -237,7 +243,7 @@ async def incident_page(request: web.Request) -> web.Response:
     doc = await detail(reader(request), incident)
     return render(
         request, "incident.html", incident=incident, doc=doc, can_act="write" in who.roles,
-        sent=request.query.get("sent", ""), key=uuid.uuid4().hex, max_note=MAX_NOTE,
+        sent=request.query.get("sent", ""), key=_form_key(incident), max_note=MAX_NOTE,
     )  # fmt: skip
 
 
@@ -252,7 +258,10 @@ async def incident_action(request: web.Request) -> web.Response:
     note = form.get("note", "").strip()[:MAX_NOTE]
     if action == "notes" and not note:
         raise Problem(400, "invalid-body", "a note needs some text")
-    await act(request, incident, action, note, form.get("key") or None)
+    key = form.get("key") or None
+    if key and action == "notes":  # two different notes from one page are two messages
+        key = f"{key}:{hashlib.sha256(note.encode()).hexdigest()}"
+    await act(request, incident, action, note, key)
     raise web.HTTPSeeOther(f"/incidents/{incident.id}?" + urlencode({"sent": ACTIONS[action]}))
 
 

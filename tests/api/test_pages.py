@@ -195,3 +195,23 @@ async def test_without_tokens_the_pages_need_no_sign_in(tmp_path: Path) -> None:
                                     allow_redirects=False)  # fmt: skip
         assert ok.status == 303
         assert len(site.published()) == 1
+
+
+async def test_a_double_click_is_one_message_and_two_notes_are_two(site: Api) -> None:
+    """The same Acknowledge form sent twice (a double click) publishes one message id; two different notes
+    sent from the same page are two messages."""
+    (target,) = await seed(site.store, incident())
+    await sign_in(site, WRITE_TOKEN)
+    html = await page(site, f"/incidents/{target.id}")
+    key = re.search(r'name="key" value="([0-9a-f]+-ack)"', html)
+    assert key
+    for _ in range(2):
+        form = {"csrf": csrf(html), "key": key[1]}
+        await site.client.post(f"/incidents/{target.id}/acknowledge", data=form, allow_redirects=False)
+    note_key = re.search(r'name="key" value="([0-9a-f]+-note)"', html)
+    assert note_key
+    for note in ("first", "second"):
+        form = {"csrf": csrf(html), "key": note_key[1], "note": note}
+        await site.client.post(f"/incidents/{target.id}/notes", data=form, allow_redirects=False)
+    ids = [m.message_id for m in site.published()]
+    assert len(ids) == 4 and ids[0] == ids[1] and len({ids[1], ids[2], ids[3]}) == 3

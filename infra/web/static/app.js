@@ -32,7 +32,8 @@
         if (html === null) { return; }
         var fresh = new DOMParser().parseFromString(html, "text/html").getElementById("content");
         var here = document.getElementById("content");
-        if (fresh && here) { here.replaceWith(fresh); }
+        // Only when something changed: the elements (and a half-made selection) stay otherwise.
+        if (fresh && here && fresh.innerHTML !== here.innerHTML) { here.replaceWith(fresh); }
       })
       .catch(function () { /* offline for a moment: try again next time */ });
   }

@@ -254,7 +254,7 @@ class PostgresStore:
             clauses.append(f"created_at < {arg(query.until)}")
         if query.title:
             escaped = query.title.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            clauses.append(f"(doc->>'title') ILIKE {arg('%' + escaped + '%')}")
+            clauses.append(f"title ILIKE {arg('%' + escaped + '%')}")
         if query.after is not None:
             clauses.append(f"(created_at, id) < ({arg(query.after[0])}, {arg(query.after[1])}::uuid)")
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""

@@ -11,3 +11,8 @@ CREATE INDEX IF NOT EXISTS incidents_page_by_status ON incidents (status, create
 CREATE INDEX IF NOT EXISTS incidents_page_by_service ON incidents (service, created_at DESC, id DESC);
 -- An incident's page lists the other incidents of its correlation group.
 CREATE INDEX IF NOT EXISTS incidents_page_by_group ON incidents (correlation_group, created_at DESC, id DESC);
+
+-- The title, for `q` (a substring of the title, ILIKE): `doc->>'title'` would parse every document the
+-- filter looks at (about 40 ms per 1,000 incidents); a stored column is read as it is. Computed by the
+-- server from the document, so the worker's writes do not change. Adding it rewrites the table once.
+ALTER TABLE incidents ADD COLUMN IF NOT EXISTS title text GENERATED ALWAYS AS (doc->>'title') STORED;

@@ -16,3 +16,28 @@ CREATE INDEX IF NOT EXISTS incidents_page_by_group ON incidents (correlation_gro
 -- filter looks at (about 40 ms per 1,000 incidents); a stored column is read as it is. Computed by the
 -- server from the document, so the worker's writes do not change. Adding it rewrites the table once.
 ALTER TABLE incidents ADD COLUMN IF NOT EXISTS title text GENERATED ALWAYS AS (doc->>'title') STORED;
+
+-- A trigram index makes `q` fast whatever it matches (without it, a text that matches nothing reads every
+-- title: 0.6 s at 100,000 incidents). pg_trgm ships with PostgreSQL and is a trusted extension (a user
+-- with CREATE on the database may add it); it is installed once per database, in `public`, so the
+-- schemas of several deployments (or tests) share it. Where it cannot be installed, `q` still works,
+-- scanning the titles, and start-up says nothing worse than a NOTICE.
+DO $$
+DECLARE
+    trgm_schema text;
+BEGIN
+    BEGIN
+        CREATE EXTENSION IF NOT EXISTS pg_trgm SCHEMA public;
+    EXCEPTION
+        WHEN unique_violation OR duplicate_object THEN NULL;  -- another migration created it meanwhile
+        WHEN insufficient_privilege OR undefined_file OR feature_not_supported OR invalid_schema_name THEN
+            RAISE NOTICE 'pg_trgm unavailable (%): incident title search scans the titles', SQLERRM;
+    END;
+    SELECT n.nspname INTO trgm_schema
+    FROM pg_extension AS e JOIN pg_namespace AS n ON n.oid = e.extnamespace WHERE e.extname = 'pg_trgm';
+    IF trgm_schema IS NOT NULL THEN
+        EXECUTE format('CREATE INDEX IF NOT EXISTS incidents_title_trgm ON incidents USING gin (title %I.gin_trgm_ops)',
+                       trgm_schema);
+    END IF;
+END
+$$;

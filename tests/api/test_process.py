@@ -102,3 +102,55 @@ async def test_run_prints_the_dashboard_url(tmp_path: Path) -> None:
             assert response.status == 200
             assert "Open incidents" in await response.text()
         assert await running.stop() == 0
+
+
+async def test_serve_and_a_worker_on_rabbitmq_and_postgres(tmp_path: Path) -> None:
+    """The production topology: ``app.py serve`` (ingest, API, dashboard) and ``app.py worker`` as two
+    processes on RabbitMQ and PostgreSQL. An alert posted to serve becomes an incident the API lists; an
+    acknowledge posted to serve is applied by the worker (serve never writes the store); serve's /readyz
+    checks the store too."""
+    from tests.ingest.conftest import broker_under_test
+    from tests.ingest.processes import broker_env
+    from tests.workers import get
+
+    postgres_available()
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKENS)
+    schema = f"api_serve_{uuid.uuid4().hex[:12]}"
+    store = {
+        "INCIDENTD_STORE": "postgres",
+        "INCIDENTD_POSTGRES_DSN": PG_DSN,
+        "INCIDENTD_POSTGRES_SCHEMA": schema,
+    }
+    try:
+        async with broker_under_test("rabbitmq") as broker:
+            env = broker_env(broker.settings) | store
+            async with (
+                app_process("worker", env, tmp_path / "worker.log"),
+                app_process(
+                    "serve", env | {"INCIDENTD_HTTP_TOKENS_FILE": str(tokens)}, tmp_path / "serve.log"
+                ) as serve,
+            ):
+                status, body = await get(f"{serve.ops}/readyz")
+                assert status == 200 and "store" in body
+                body_bytes = FIXTURE.read_bytes()
+                assert (await call("POST", f"{serve.http}/v1/alertmanager", INGEST_TOKEN, body_bytes))[
+                    0
+                ] == 202
+
+                async def listed() -> list[dict[str, Any]]:
+                    items = (await call("GET", f"{serve.http}/v1/incidents", WRITE_TOKEN))[1]["items"]
+                    return items if len(items) == 2 else []
+
+                first = (await eventually(listed))[0]
+                url = f"{serve.http}/v1/incidents/{first['id']}"
+                status, answer = await call("POST", f"{url}/acknowledge", WRITE_TOKEN, {"note": "on it"})
+                assert status == 202, answer
+
+                async def acknowledged() -> bool:
+                    doc = (await call("GET", url, WRITE_TOKEN))[1]
+                    return doc["status"] == "acknowledged" and doc["timeline"][-1]["actor"] == WRITER
+
+                await eventually(acknowledged)
+    finally:
+        await drop_schema(schema)

@@ -28,7 +28,6 @@ import jinja2
 from aiohttp import web
 
 from application.incidents import Incident
-from application.ports import IncidentQuery
 from infra.web.api import (
     ACTIONS,
     MAX_NOTE,
@@ -160,12 +159,13 @@ def _filters(request: web.Request) -> dict[str, str]:
     return {k: request.query.get(k, "") for k in FILTERS}
 
 
-async def _facets(request: web.Request) -> dict[str, Any]:
-    """The services and environments to offer in the filter form: those of unresolved incidents."""
-    active = await reader(request).search(IncidentQuery(statuses=("open", "acknowledged"), limit=1000))
+async def _facets(request: web.Request, shown: list[Incident]) -> dict[str, Any]:
+    """The choices of the filter form: the services with unresolved incidents (one GROUP BY, the
+    active-incidents gauge's), and the environments of the incidents shown."""
+    active = await reader(request).count_active()
     return {
-        "services": sorted({i.service for i in active if i.service}),
-        "environments": sorted({i.environment for i in active if i.environment}),
+        "services": sorted({service for _, service in active} | {i.service for i in shown} - {""}),
+        "environments": sorted({i.environment for i in shown if i.environment}),
     }
 
 
@@ -187,7 +187,7 @@ async def dashboard(request: web.Request) -> web.Response:
     }
     return render(
         request, "dashboard.html", groups=ordered, total=len(items), truncated=more is not None,
-        severities=SEVERITIES, filters=_filters(request), ranges=RANGES, **await _facets(request),
+        severities=SEVERITIES, filters=_filters(request), ranges=RANGES, **await _facets(request, items),
     )  # fmt: skip
 
 
@@ -205,7 +205,7 @@ async def history(request: web.Request) -> web.Response:
         older = "/history?" + urlencode({**kept, "cursor": cursor})
     return render(
         request, "history.html", items=items, older=older, filters=_filters(request), ranges=RANGES,
-        severities=SEVERITIES, **await _facets(request),
+        severities=SEVERITIES, **await _facets(request, items),
     )  # fmt: skip
 
 

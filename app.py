@@ -222,10 +222,12 @@ def serve(ctx: click.Context) -> None:
 @click.pass_context
 def run(ctx: click.Context) -> None:
     """Everything in one process (the embedded default: memory broker, SQLite): the HTTP ingest and the
-    worker. Binds 127.0.0.1 unless INCIDENTD_HTTP_HOST is set; SIGTERM / Ctrl-C stops both."""
+    worker. Binds 127.0.0.1 unless INCIDENTD_HTTP_HOST (INCIDENTD_OPS_HOST for the probes and metrics) is
+    set; SIGTERM / Ctrl-C stops both."""
     settings = _settings(ctx)
-    host = settings.http_host if "http_host" in settings.model_fields_set else "127.0.0.1"
-    settings = settings.model_copy(update={"http_host": host})
+    local = {name: "127.0.0.1" for name in ("http_host", "ops_host") if name not in settings.model_fields_set}
+    settings = settings.model_copy(update=local)
+    host = settings.http_host
     asyncio.run(_run(settings, _http_auth(settings, host)))
 
 

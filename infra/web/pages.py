@@ -25,6 +25,7 @@ from urllib.parse import urlencode, urlsplit
 from uuid import UUID
 
 import jinja2
+import structlog
 from aiohttp import web
 
 from application.incidents import Incident
@@ -43,6 +44,7 @@ from infra.web.api import (
 from infra.web.app import DEPS, PRINCIPAL, Problem
 from infra.web.auth import ANONYMOUS, Principal
 
+log = structlog.get_logger("incidentd.http")
 HERE = Path(__file__).parent
 COOKIE = "incidentd_session"
 SECRET = web.AppKey("pages_secret", bytes)  # the CSRF key when there are no tokens
@@ -291,6 +293,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     token, target = str(form.get("token", "")).strip(), _safe_next(str(form.get("next", "/")))
     found = deps.tokens.authenticate(f"Bearer {token}") if token else None
     if found is None:
+        log.warning("http.sign_in_failed", remote=request.remote or "")  # never the token
         return render(request, "login.html", status=401, next=target, failed=True)
     response = web.HTTPSeeOther(target)
     response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", secure=request.secure, path="/",

@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.api.conftest import (
     READ_TOKEN,
@@ -58,8 +59,11 @@ async def test_signing_in_sets_an_httponly_samesite_cookie(site: Api) -> None:
     assert response.status == 303
     location = urlsplit(response.headers["Location"])
     assert location.path == "/login" and parse_qs(location.query) == {"next": ["/history?service=api"]}
-    wrong = await site.client.post("/login", data={"token": "nope-nope-nope-nope", "next": "/"})
+    with capture_logs() as logs:
+        wrong = await site.client.post("/login", data={"token": "nope-nope-nope-nope", "next": "/"})
     assert wrong.status == 401 and "not valid" in await wrong.text()
+    assert [e["event"] for e in logs if e["event"] == "http.sign_in_failed"] == ["http.sign_in_failed"]
+    assert "nope-nope" not in repr(logs)  # the token tried is never logged
     right = await site.client.post(
         "/login", data={"token": READ_TOKEN, "next": "/history"}, allow_redirects=False
     )

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.api.conftest import NOW, READ_TOKEN, WRITE_TOKEN, Api, bearer, incident, seed
+from tests.api.conftest import (
+    INGEST_TOKEN,
+    NOW,
+    READ_TOKEN,
+    WRITE_TOKEN,
+    Api,
+    bearer,
+    incident,
+    seed,
+    serving,
+)
 
 
 async def get(api: Api, path: str, token: str = READ_TOKEN) -> tuple[int, Any]:
@@ -227,3 +238,15 @@ async def test_reading_needs_a_token_with_the_read_role(api: Api) -> None:
     assert response.status == 403
     assert (await api.client.get("/v1/incidents", headers=bearer(WRITE_TOKEN))).status == 200
     assert (await api.client.get("/v1/openapi.json")).status == 200  # the document is public
+
+
+async def test_without_a_store_the_application_serves_only_the_ingest(
+    tmp_path: Path, tokens_file: Path
+) -> None:
+    """``app.py ingest`` builds the application without a store: the API and the pages are not there
+    (404), the ingest is."""
+    async with serving(None, tokens_file) as ingest_only:
+        assert (await ingest_only.client.get("/v1/incidents", headers=bearer(READ_TOKEN))).status == 404
+        assert (await ingest_only.client.get("/")).status == 404
+        response = await ingest_only.client.post("/v1/alertmanager", data=b"{}", headers=bearer(INGEST_TOKEN))
+        assert response.status == 400  # the ingest's own validation: the route is there

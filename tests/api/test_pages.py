@@ -219,3 +219,21 @@ async def test_a_double_click_is_one_message_and_two_notes_are_two(site: Api) ->
         await site.client.post(f"/incidents/{target.id}/notes", data=form, allow_redirects=False)
     ids = [m.message_id for m in site.published()]
     assert len(ids) == 4 and ids[0] == ids[1] and len({ids[1], ids[2], ids[3]}) == 3
+
+
+async def test_the_stats_page_shows_mtta_and_mttr_per_service(site: Api) -> None:
+    """/stats: per service over 7 days, how many incidents, acknowledged, resolved, and MTTA / MTTR as
+    durations a person reads."""
+    await seed(
+        site.store,
+        incident(
+            "a", service="api", acknowledged=timedelta(seconds=90), resolved=timedelta(hours=2, minutes=5)
+        ),
+        incident("b", service="db", acknowledged=timedelta(seconds=30)),
+    )
+    await sign_in(site, READ_TOKEN)
+    html = await page(site, "/stats")
+    rows = re.findall(r"<tr><td>([^<]+)</td>((?:<td class=\"num\">[^<]*</td>)+)</tr>", html)
+    cells = {service: re.findall(r">([^<]*)<", numbers)[::2] for service, numbers in rows}
+    assert cells["api"] == ["1", "1", "1", "1m 30s", "2h 05m"]
+    assert cells["db"] == ["1", "1", "0", "0m 30s", "-"]

@@ -7,7 +7,7 @@ unresolved; created over 90 days; whole documents with a timeline, as the worker
 it, then times ``GET /v1/incidents`` pages through the real application (make_app, a loopback port, an
 aiohttp client in the same process, so the numbers include routing, validation, the query, parsing the
 documents and the JSON answer) and, beside it, the store's ``search`` alone. Each scenario is asked
-``--requests`` times; the deep walk follows ``next_cursor`` 40 pages down. Then it drops the schema (unless
+``--requests`` times (after 20 to warm up); the deep walk follows ``next_cursor`` 40 pages down. Then it drops the schema (unless
 ``--keep``).
 """
 
@@ -85,7 +85,7 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
 
 
 async def timed(call: Callable[[], Awaitable[Any]], requests: int) -> tuple[float, float]:
-    for _ in range(5):  # warm: prepared statements, the pool, the server's caches
+    for _ in range(20):  # warm: prepared statements, the pool, the server's caches
         await call()
     samples = []
     for _ in range(requests):

@@ -7,8 +7,8 @@ unresolved; created over 90 days; whole documents with a timeline, as the worker
 it, then times ``GET /v1/incidents`` pages through the real application (make_app, a loopback port, an
 aiohttp client in the same process, so the numbers include routing, validation, the query, parsing the
 documents and the JSON answer) and, beside it, the store's ``search`` alone. Each scenario is asked
-``--requests`` times (after 20 to warm up); the deep walk follows ``next_cursor`` 40 pages down. Then it drops the schema (unless
-``--keep``).
+``--requests`` times (after 20 to warm up); the deep walk follows ``next_cursor`` 40 pages down. Then it
+drops the schema (unless ``--keep``).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ async def main() -> None:
                 "environment=staging&severity=critical": "environment=staging&severity=critical",
                 "since=24h": "since=24h",
                 "q=certificate (title text)": "q=certificate",
-                "q=no-such-text (scans all)": "q=no-such-text",
+                "q=no-such-text (matches none)": "q=no-such-text",
             }
             print(f"\n{args.incidents:,} incidents, limit=50, {args.requests} requests each; milliseconds\n")
             print(f"| {'query':40} | HTTP p50 | HTTP p99 | store p50 | store p99 | items |")

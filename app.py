@@ -373,6 +373,20 @@ def ingest(ctx: click.Context) -> None:
 
 @cli.command()
 @click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Serve the HTTP ingest, the incident API and the dashboard until SIGTERM (reads the store; every
+    change is published for the workers). The ingest's rules apply: tokens file, real broker."""
+    settings = _settings(ctx)
+    if settings.broker == "memory":
+        raise click.UsageError(
+            "the memory broker lives inside one process; use 'run' (everything in one process), "
+            "or set INCIDENTD_BROKER=rabbitmq or pubsub"
+        )
+    asyncio.run(_ingest(settings, _http_auth(settings, settings.http_host), with_store=True))
+
+
+@cli.command()
+@click.pass_context
 def run(ctx: click.Context) -> None:
     """Everything in one process (the embedded default: memory broker, SQLite): the HTTP ingest and the
     worker. Binds 127.0.0.1 unless INCIDENTD_HTTP_HOST (INCIDENTD_OPS_HOST for the probes and metrics) is
@@ -394,14 +408,20 @@ def _http_auth(settings: Settings, host: str) -> AuthPlan:
         sys.exit(2)
 
 
-async def _front_door(settings: Settings, container: Container, broker: Broker, auth: AuthPlan) -> HttpServer:
-    """Start the HTTP application on the broker's publisher; log (and say) where and who may call."""
+async def _front_door(
+    settings: Settings, container: Container, broker: Broker, auth: AuthPlan, store: Any = None
+) -> HttpServer:
+    """Start the HTTP application on the broker's publisher; log (and say) where and who may call.
+    With ``store``, it also serves the incident API and the dashboard (docs/api.md)."""
+    import dataclasses
+
     import structlog
 
     from infra.web.app import make_app
     from infra.web.server import HttpServer, build_deps
 
     deps = build_deps(settings, broker, container.metrics().registry, auth.tokens, container.handlers())
+    deps = dataclasses.replace(deps, store=store, refresh_seconds=settings.http_dashboard_refresh)
     server = HttpServer(
         make_app(deps), settings.http_host, settings.http_port, shutdown_timeout=settings.shutdown_timeout
     )
@@ -412,6 +432,8 @@ async def _front_door(settings: Settings, container: Container, broker: Broker, 
     url = f"http://{settings.http_host}:{server.port}"
     structlog.get_logger("incidentd.http").info("http.listening", url=url, auth=auth.says)
     click.echo(f"incidentd: ingest on {url}/v1/... ({auth.says})", err=True)
+    if store is not None:
+        click.echo(f"incidentd: dashboard on {url}/  (API: {url}/v1/incidents)", err=True)
     return server
 
 
@@ -422,17 +444,18 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def _ingest(settings: Settings, auth: AuthPlan) -> None:
+async def _ingest(settings: Settings, auth: AuthPlan, with_store: bool = False) -> None:
     from infra.ops import OpsServer
     from infra.web.server import broker_check
 
     async with _container(settings) as container:
         broker: Broker = await container.broker()
-        server = await _front_door(settings, container, broker, auth)
+        store = await container.store() if with_store else None
+        server = await _front_door(settings, container, broker, auth, store)
         metrics = container.metrics()
         ops = OpsServer(
             metrics.registry, host=settings.ops_host, port=settings.ops_port,
-            checks={"broker": broker_check(broker, settings)},
+            checks={"broker": broker_check(broker, settings)} | ({"store": store.ping} if store else {}),
             loop_lag_threshold=settings.ops_loop_lag_threshold, on_lag=metrics.loop_lag.set,
         )  # fmt: skip
         if settings.ops_enabled:
@@ -451,7 +474,7 @@ async def _run(settings: Settings, auth: AuthPlan) -> None:
         if ops is not None:
             await _ops_ready(ops, container, broker, dispatcher)
         await container.maintenance_loop()  # type: ignore[misc]
-        server = await _front_door(settings, container, broker, auth)
+        server = await _front_door(settings, container, broker, auth, await container.store())
         term, stop = _stop_on_signals(), asyncio.Event()
 
         async def front_door_first() -> None:

@@ -93,6 +93,57 @@ class IncidentStore(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class IncidentQuery:
+    """What the incident API and the dashboard ask a store for: filters, newest first, one page.
+
+    ``after`` is the keyset cursor: the (created_at, id) of the last incident of the previous page; the
+    page holds the incidents strictly after it in the order (created_at, id) descending. Neither changes
+    once an incident exists, so paging while incidents are added never repeats or skips one that was
+    already there. ``title`` matches a case-insensitive substring of the title.
+    """
+
+    statuses: tuple[Status, ...] = ()
+    service: str | None = None
+    environment: str | None = None
+    severity: str | None = None
+    correlation_group: str | None = None
+    since: datetime | None = None  # created at or after
+    until: datetime | None = None  # created before
+    title: str | None = None
+    limit: int = 50
+    after: tuple[datetime, UUID] | None = None
+
+
+@dataclass(frozen=True)
+class ServiceStats:
+    """One service's incidents created in a window: how many, how many acknowledged / resolved, and the
+    mean time to acknowledge / resolve (seconds from creation; None when none was)."""
+
+    service: str
+    incidents: int
+    acknowledged: int
+    resolved: int
+    mtta_seconds: float | None
+    mttr_seconds: float | None
+
+
+class IncidentReader(Protocol):
+    """The read side the HTTP API and the dashboard use; they never write (the worker is the one writer)."""
+
+    async def get(self, incident_id: UUID) -> Incident | None: ...
+
+    async def search(self, query: IncidentQuery) -> list[Incident]:
+        """At most ``query.limit`` incidents, newest first (created_at, then id, descending)."""
+        ...
+
+    async def service_stats(self, since: datetime) -> list[ServiceStats]:
+        """Per service, the incidents created at or after ``since``."""
+        ...
+
+    async def count_active(self) -> dict[tuple[str, str], int]: ...
+
+
 class IncidentObserver(Protocol):
     """Told about each incident a transaction added or changed, after the commit (metrics).
 

@@ -393,6 +393,8 @@ class Settings(BaseSettings):
     http_rate_limit: float = Field(default=100.0, ge=0)  # requests per second per token (0: no limit)
     http_rate_burst: int = Field(default=500, ge=1)  # requests a token may send at once
     http_tokens_reload_interval: float = Field(default=5.0, gt=0)  # seconds between checks of the file
+    # The dashboard (`serve`, `run`; docs/api.md) reloads its data this often, in seconds (0: never).
+    http_dashboard_refresh: int = Field(default=15, ge=0, le=3600)
 
     @field_validator("http_auth")
     @classmethod

@@ -70,7 +70,22 @@ class IncidentMetrics:
             ["severity"], buckets=_BUCKETS, registry=registry,
         )  # fmt: skip
 
+        # By service and environment, for the Grafana dashboard (deploy/grafana/incidentd.json): incident
+        # frequency per service, opened vs resolved per environment. As bounded as incidents_active's.
+        self.transitions = Counter(
+            "incidentd_incident_transitions",
+            "Incidents opened, acknowledged and resolved, by service and environment.",
+            ["transition", "service", "environment"], registry=registry,
+        )  # fmt: skip
+
     def changed(self, incident: Incident, previous: Status | None) -> None:
+        where = (incident.service, incident.environment)
+        if previous is None:
+            self.transitions.labels("opened", *where).inc()
+        if incident.status == "acknowledged" and previous in (None, "open"):
+            self.transitions.labels("acknowledged", *where).inc()
+        if incident.status == "resolved" and previous != "resolved":
+            self.transitions.labels("resolved", *where).inc()
         if previous is None:
             self.opened.labels(incident.source, incident.severity).inc()
         if incident.status == "acknowledged" and previous in (None, "open") and incident.acknowledged_at:

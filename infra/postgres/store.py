@@ -20,6 +20,7 @@ COMMIT. Connections go back to the pool without asyncpg's reset query (see :func
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
@@ -30,7 +31,7 @@ import asyncpg
 
 from application.errors import TransientError
 from application.incidents import Incident, OpenGroup, Status
-from application.ports import IncidentObserver
+from application.ports import IncidentObserver, IncidentQuery, ServiceStats
 from common.redact import describe
 from infra.postgres.migrate import _LOCK_NAMESPACE, migrate
 
@@ -279,6 +280,47 @@ class PostgresStore:
             "AND ($2::text IS NULL OR service = $2)"
         )
         return int(await self._pool.fetchval(sql, status, service))
+
+    async def search(self, query: IncidentQuery) -> builtins.list[Incident]:
+        """A page of incidents for the API (application.ports.IncidentQuery), newest first. Only the
+        filters given become clauses (no ``$n IS NULL OR ...``, which would leave the planner a generic
+        plan); the indexes of migration 0006 serve the order and the common filters."""
+        clauses: list[str] = []
+        args: list[Any] = []
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        if query.statuses:
+            clauses.append(f"status = ANY({arg(list(query.statuses))}::text[])")
+        for column in ("service", "environment", "severity", "correlation_group"):
+            value = getattr(query, column)
+            if value is not None:
+                clauses.append(f"{column} = {arg(value)}")
+        if query.since is not None:
+            clauses.append(f"created_at >= {arg(query.since)}")
+        if query.until is not None:
+            clauses.append(f"created_at < {arg(query.until)}")
+        if query.title:
+            escaped = query.title.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            clauses.append(f"title ILIKE {arg('%' + escaped + '%')}")
+        if query.after is not None:
+            clauses.append(f"(created_at, id) < ({arg(query.after[0])}, {arg(query.after[1])}::uuid)")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        order = f"ORDER BY created_at DESC, id DESC LIMIT {arg(query.limit)}"
+        sql = f"SELECT doc::text FROM incidents {where} {order}"
+        rows = await self._pool.fetch(sql, *args)
+        return [Incident.model_validate_json(r[0]) for r in rows]
+
+    async def service_stats(self, since: datetime) -> builtins.list[ServiceStats]:
+        sql = """
+            SELECT service, count(*), count(doc->>'acknowledged_at'), count(doc->>'resolved_at'),
+                   avg(extract(epoch FROM (doc->>'acknowledged_at')::timestamptz - created_at))::float8,
+                   avg(extract(epoch FROM (doc->>'resolved_at')::timestamptz - created_at))::float8
+            FROM incidents WHERE created_at >= $1 GROUP BY service ORDER BY service
+        """
+        return [ServiceStats(*row) for row in await self._pool.fetch(sql, since)]
 
     async def count_active(self) -> dict[tuple[str, str], int]:
         sql = "SELECT severity, service, count(*) FROM incidents WHERE status <> 'resolved' GROUP BY 1, 2"

@@ -8,6 +8,7 @@ asyncio lock); that is also what makes concurrent messages about the same incide
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import sqlite3
@@ -21,7 +22,7 @@ import aiosqlite
 
 from application.errors import TransientError
 from application.incidents import Incident, OpenGroup, Status
-from application.ports import IncidentObserver
+from application.ports import IncidentObserver, IncidentQuery, ServiceStats
 from common.redact import describe
 
 # Index i holds the statements that bring the schema from version i to i + 1.
@@ -57,6 +58,11 @@ MIGRATIONS = [
     CREATE INDEX IF NOT EXISTS processed_messages_by_time ON processed_messages (processed_at);
     CREATE INDEX IF NOT EXISTS incidents_resolved_by_last_event ON incidents (last_event_at)
         WHERE status = 'resolved';
+    """,
+    # The incident API's pages (infra/web/api.py): newest first by the instant, whatever the UTC offset
+    # the timestamp was written with (a text sort would order "+02:00" wrongly), then by id.
+    """
+    CREATE INDEX IF NOT EXISTS incidents_page ON incidents (julianday(created_at) DESC, id DESC);
     """,
 ]
 
@@ -171,10 +177,30 @@ def _unavailable(exc: BaseException) -> bool:
 
 
 class SqliteStore:
-    def __init__(self, db: aiosqlite.Connection, observer: IncidentObserver | None = None) -> None:
+    def __init__(
+        self,
+        db: aiosqlite.Connection,
+        observer: IncidentObserver | None = None,
+        path: Path | str | None = None,
+    ) -> None:
         self._db = db
         self._lock = asyncio.Lock()
         self._observer = observer
+        # Readers (the API, the dashboard) use a connection of their own: on the writer's, a read could run
+        # inside a worker's open transaction and see changes it may still roll back. WAL gives the second
+        # connection the last committed state without waiting for the writer. (":memory:" has one.)
+        self._path = None if path is None or str(path) == ":memory:" else path
+        self._reader_db: aiosqlite.Connection | None = None
+        self._reader_lock = asyncio.Lock()
+
+    async def _reader(self) -> aiosqlite.Connection:
+        if self._path is None:
+            return self._db
+        async with self._reader_lock:
+            if self._reader_db is None:
+                self._reader_db = await connect(self._path)
+                await self._reader_db.execute("PRAGMA query_only = ON")
+            return self._reader_db
 
     @classmethod
     async def open(cls, path: Path | str, observer: IncidentObserver | None = None) -> SqliteStore:
@@ -184,9 +210,11 @@ class SqliteStore:
         except BaseException:
             await db.close()  # its thread would keep the process alive
             raise
-        return cls(db, observer)
+        return cls(db, observer, path)
 
     async def close(self) -> None:
+        if self._reader_db is not None:
+            await self._reader_db.close()
         await self._db.close()
 
     @asynccontextmanager
@@ -223,7 +251,8 @@ class SqliteStore:
                 self._observer.changed(incident, previous)
 
     async def get(self, incident_id: UUID) -> Incident | None:
-        async with self._db.execute("SELECT doc FROM incidents WHERE id = ?", (str(incident_id),)) as cursor:
+        db = await self._reader()
+        async with db.execute("SELECT doc FROM incidents WHERE id = ?", (str(incident_id),)) as cursor:
             row = await cursor.fetchone()
         return Incident.model_validate_json(row[0]) if row else None
 
@@ -249,6 +278,52 @@ class SqliteStore:
         async with self._db.execute(sql, (status, status, service, service)) as cursor:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
+
+    async def search(self, query: IncidentQuery) -> builtins.list[Incident]:
+        """A page of incidents for the API (application.ports.IncidentQuery), newest first."""
+        clauses: list[str] = []
+        args: list[object] = []
+        if query.statuses:
+            clauses.append(f"status IN ({', '.join('?' * len(query.statuses))})")
+            args.extend(query.statuses)
+        for column in ("service", "environment", "severity", "correlation_group"):
+            value = getattr(query, column)
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        if query.since is not None:
+            clauses.append("julianday(created_at) >= julianday(?)")
+            args.append(query.since.isoformat())
+        if query.until is not None:
+            clauses.append("julianday(created_at) < julianday(?)")
+            args.append(query.until.isoformat())
+        if query.title:
+            clauses.append("json_extract(doc, '$.title') LIKE ? ESCAPE '\\'")
+            args.append("%" + _like_escape(query.title) + "%")
+        if query.after is not None:
+            at, last_id = query.after[0].isoformat(), str(query.after[1])
+            clauses.append(
+                "(julianday(created_at) < julianday(?) OR (julianday(created_at) = julianday(?) AND id < ?))"
+            )
+            args.extend((at, at, last_id))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT doc FROM incidents {where} ORDER BY julianday(created_at) DESC, id DESC LIMIT ?"
+        db = await self._reader()
+        async with db.execute(sql, (*args, query.limit)) as cursor:
+            rows = await cursor.fetchall()
+        return [Incident.model_validate_json(r[0]) for r in rows]
+
+    async def service_stats(self, since: datetime) -> builtins.list[ServiceStats]:
+        sql = (
+            "SELECT service, count(*), count(json_extract(doc, '$.acknowledged_at')), "
+            "count(json_extract(doc, '$.resolved_at')), "
+            "avg((julianday(json_extract(doc, '$.acknowledged_at')) - julianday(created_at)) * 86400.0), "
+            "avg((julianday(json_extract(doc, '$.resolved_at')) - julianday(created_at)) * 86400.0) "
+            "FROM incidents WHERE julianday(created_at) >= julianday(?) GROUP BY service ORDER BY service"
+        )
+        db = await self._reader()
+        async with db.execute(sql, (since.isoformat(),)) as cursor:
+            return [ServiceStats(*row) for row in await cursor.fetchall()]
 
     async def count_active(self) -> dict[tuple[str, str], int]:
         sql = "SELECT severity, service, count(*) FROM incidents WHERE status != 'resolved' GROUP BY 1, 2"
@@ -317,3 +392,8 @@ PRUNE_BATCH_MAX = 1000
 def _utc(at: datetime) -> str:
     """The text form timestamps are stored in (UTC ISO 8601), so that text comparison orders them."""
     return at.astimezone(UTC).isoformat()
+
+
+def _like_escape(text: str) -> str:
+    """``text`` for a LIKE pattern with ESCAPE '\\': its % and _ match themselves."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

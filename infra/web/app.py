@@ -21,7 +21,7 @@ import structlog
 from aiohttp import web
 
 from application.factory import CommandFactory
-from application.ports import Publisher
+from application.ports import IncidentReader, Publisher
 from infra.web.auth import ANONYMOUS, Principal, RateLimiter, Tokens, retry_after
 from infra.web.metrics import HttpMetrics
 
@@ -41,6 +41,9 @@ TITLES = {
     "not-found": "No such endpoint",
     "method-not-allowed": "Method not allowed on this endpoint",
     "internal-error": "Internal error",
+    "invalid-query": "A query value is not valid",
+    "unknown-incident": "No such incident",
+    "csrf": "The form did not come from this site",
 }
 _HTTP_KINDS = {404: "not-found", 405: "method-not-allowed", 413: "too-large", 408: "read-timeout"}
 ROLE_ATTR = "incidentd_role"
@@ -62,6 +65,9 @@ class HttpDeps:
     publish_timeout: float = 10.0
     retry_after: int = 5
     tokens_reload_interval: float = 5.0
+    # The incident store, read by the API and the dashboard (infra/web/api.py, pages.py); None: ingest only.
+    store: IncidentReader | None = None
+    refresh_seconds: int = 15  # the dashboard reloads its data this often
 
 
 DEPS = web.AppKey("deps", HttpDeps)
@@ -186,5 +192,10 @@ def make_app(deps: HttpDeps) -> web.Application:
     app = web.Application(middlewares=[answer, authorize], client_max_size=deps.max_body_bytes)
     app[DEPS] = deps
     app.add_routes(ingest.routes)
+    if deps.store is not None:
+        from infra.web import api, pages
+
+        app.add_routes(api.routes)
+        pages.setup(app)
     app.cleanup_ctx.append(_watch_tokens)
     return app

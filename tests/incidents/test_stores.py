@@ -309,6 +309,7 @@ class TestPostgresStore(StoreContract):
                 "0003_begin_in_one_round_trip",
                 "0004_doc_as_json",
                 "0005_retention",
+                "0006_incident_pages",
             ]
         finally:
             await drop_schema(pg_schema)

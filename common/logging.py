@@ -179,8 +179,12 @@ def configure_logging(
             out.msg(line.encode())
 
         foreign_renderer = structlog.processors.JSONRenderer(serializer=_dumps_str)
+    # The list is changed in place, not replaced: a logger cached under an earlier configuration holds
+    # this very list, and so follows the new one (and structlog.testing.capture_logs, which edits it).
+    processors = structlog.get_config()["processors"]
+    processors[:] = [*shared, *tail]
     structlog.configure(
-        processors=[*shared, *tail],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         logger_factory=factory,
         cache_logger_on_first_use=True,

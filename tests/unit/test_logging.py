@@ -38,9 +38,14 @@ class Stderr:
 def stderr() -> Iterator[Stderr]:
     out = Stderr()
     hook = threading.excepthook
+    before = structlog.get_config()
+    saved = list(before["processors"])
     configure_logging("json", "info", stream=out.stream, repeat_window=10)
     yield out
-    structlog.reset_defaults()
+    # Restored in place: loggers other tests' modules cached hold this list (see configure_logging).
+    processors = structlog.get_config()["processors"]
+    processors[:] = saved
+    structlog.configure(**(before | {"processors": processors}))
     root = logging.getLogger()
     for handler in list(root.handlers):
         if type(handler).__name__ == "_Handler":
@@ -153,3 +158,17 @@ def test_stored_reasons_are_redacted() -> None:
 def test_redact_masks_secret_shapes_only(text: str, expected: str) -> None:
     """What looks like a credential is masked; ordinary text, and URLs without one, are left alone."""
     assert redact(text) == expected
+
+
+def test_a_logger_used_before_logging_is_configured_again_follows_the_new_configuration(
+    stderr: Stderr,
+) -> None:
+    """Loggers are cached on first use; configuring logging again (a second command in one process)
+    must still reach them, not leave them writing with the first configuration."""
+    log = structlog.get_logger("incidentd.test")
+    log.info("first")
+    second = Stderr()
+    configure_logging("json", "info", stream=second.stream, repeat_window=10)
+    log.info("second")
+    assert [line["event"] for line in stderr.lines()] == ["first"]
+    assert [line["event"] for line in second.lines()] == ["second"]

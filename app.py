@@ -449,8 +449,21 @@ async def _ingest(settings: Settings, auth: AuthPlan, with_store: bool = False) 
     from infra.web.server import broker_check
 
     async with _container(settings) as container:
-        broker: Broker = await container.broker()
-        store = await container.store() if with_store else None
+        stop = _stop_on_signals()
+        broker_at, store_at = _targets(settings)
+        try:  # like the worker: wait for the broker (and the store) up to startup_timeout, then one line
+            broker = await wait_for(
+                "broker", broker_at, lambda: _broker(container), timeout=settings.startup_timeout, stop=stop
+            )
+            store = (
+                await wait_for(
+                    "store", store_at, container.store, timeout=settings.startup_timeout, stop=stop
+                )
+                if with_store
+                else None
+            )
+        except Stopped:
+            return  # SIGTERM while waiting: nothing was served
         server = await _front_door(settings, container, broker, auth, store)
         metrics = container.metrics()
         ops = OpsServer(
@@ -460,7 +473,7 @@ async def _ingest(settings: Settings, auth: AuthPlan, with_store: bool = False) 
         )  # fmt: skip
         if settings.ops_enabled:
             await ops.start()
-        await _stop_on_signals().wait()
+        await stop.wait()
         ops.mark_stopping()  # /readyz 503 from now on
         await server.stop()  # stop accepting; answer the requests in flight (each waits for its confirm)
         await ops.stop()

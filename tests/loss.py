@@ -17,13 +17,18 @@ POISON_BODIES = [f'{{"title": "", "dedup_key": "poison-{i}"}}'.encode() for i in
 POISON_REASON = "title: String should have at least 1 character"
 
 
-async def publish_all(broker: Broker, *, at_once: int = 200) -> None:
-    """Publish the valid commands, then the poison ones, ``at_once`` publishes in flight at a time."""
+def published_bodies() -> list[bytes]:
+    """The valid commands, then the poison ones."""
     bodies = [
         CreateIncident(title=f"disk full {i}", dedup_key=f"loss-{i}").model_dump_json().encode()
         for i in range(VALID)
     ]
-    bodies += POISON_BODIES
+    return bodies + POISON_BODIES
+
+
+async def publish_all(broker: Broker, *, at_once: int = 200) -> None:
+    """Publish :func:`published_bodies`, ``at_once`` publishes in flight at a time."""
+    bodies = published_bodies()
     for start in range(0, len(bodies), at_once):
         batch = bodies[start : start + at_once]
         await asyncio.gather(*(broker.publisher.publish(b, {TYPE_ATTR: CreateIncident.TYPE}) for b in batch))

@@ -53,29 +53,33 @@ async def delete_topology(topology: Topology) -> None:
     await asyncio.to_thread(_delete, topology)
 
 
-def _waiting(subscription_path: str) -> int:
-    """Messages deliverable now on a subscription: pulled (twice, until empty) and nacked back."""
+def _deliverable(subscription_path: str) -> dict[str, bytes]:
+    """Messages deliverable now on a subscription, by message id: pulled (twice) and nacked back."""
     from google.cloud import pubsub_v1
 
     with pubsub_v1.SubscriberClient() as subscriber:
         ack_ids: list[str] = []
-        ids: set[str] = set()
+        found: dict[str, bytes] = {}
         for _ in range(2):
             response = subscriber.pull(
                 subscription=subscription_path, max_messages=1000, return_immediately=True, timeout=10
             )
             for received in response.received_messages:
                 ack_ids.append(received.ack_id)
-                ids.add(received.message.message_id)
+                found[received.message.message_id] = received.message.data
         if ack_ids:
             subscriber.modify_ack_deadline(
                 subscription=subscription_path, ack_ids=ack_ids, ack_deadline_seconds=0
             )
-        return len(ids)
+        return found
 
 
 async def waiting(subscription_path: str) -> int:
-    return await asyncio.to_thread(_waiting, subscription_path)
+    return len(await asyncio.to_thread(_deliverable, subscription_path))
+
+
+async def deliverable(subscription_path: str) -> dict[str, bytes]:
+    return await asyncio.to_thread(_deliverable, subscription_path)
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ async def open_broker(settings: Settings) -> AsyncIterator[PubSubBroker]:
     from google.cloud import pubsub_v1
 
     publisher_client = pubsub_v1.PublisherClient()
-    subscriber_client = pubsub_v1.SubscriberClient()
+    subscriber_client = pubsub_v1.SubscriberClient(**emulator_transport())
     broker = PubSubBroker(
         publisher_client, subscriber_client, Topology.from_settings(settings), flow_control(settings),
         publish_timeout=settings.pubsub_publish_timeout,
@@ -82,3 +82,24 @@ async def open_broker(settings: Settings) -> AsyncIterator[PubSubBroker]:
         await broker.subscriber.close()  # idempotent; a no-op after the worker closed it
         await asyncio.to_thread(publisher_client.stop)
         await asyncio.to_thread(subscriber_client.close)
+
+
+def emulator_transport() -> dict[str, object]:
+    """Under ``PUBSUB_EMULATOR_HOST``: a subscriber transport whose channel takes messages of any size.
+
+    For the emulator the client library opens a plain ``grpc.insecure_channel`` with gRPC's default
+    4 MiB receive limit (its channel to Google has none): a message over 4 MiB (Pub/Sub takes 10 MB) made
+    every streaming pull response carrying it fail with RESOURCE_EXHAUSTED, silently retried, so it and
+    the up to 100 messages sharing its response were never delivered. Empty without the emulator.
+    """
+    import os
+
+    host = os.environ.get("PUBSUB_EMULATOR_HOST")
+    if not host:
+        return {}
+    import grpc
+    from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
+
+    unlimited = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    channel = grpc.insecure_channel(host, options=unlimited)
+    return {"transport": SubscriberGrpcTransport(host=host, channel=channel)}

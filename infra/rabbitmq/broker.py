@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from infra.rabbitmq.dlq import RabbitDeadLetters
-from infra.rabbitmq.message import tolerate_out_of_range_timestamps
+from infra.rabbitmq.message import tolerate_out_of_range_timestamps, tolerate_short_strings_that_are_not_utf8
 from infra.rabbitmq.publisher import RabbitPublisher
 from infra.rabbitmq.subscriber import RabbitSubscriber
 from infra.rabbitmq.topology import Topology, declare, prefetch_for
@@ -62,6 +62,7 @@ async def open_broker(
     import aio_pika
 
     tolerate_out_of_range_timestamps()
+    tolerate_short_strings_that_are_not_utf8()
     topology = Topology.from_settings(settings)
     connection = await aio_pika.connect_robust(
         settings.rabbitmq_url, client_properties={"connection_name": "incidentd"}

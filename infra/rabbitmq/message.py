@@ -177,3 +177,36 @@ def tolerate_out_of_range_timestamps() -> None:
     timestamp.original = original  # type: ignore[attr-defined]
     decode.METHODS["timestamp"] = timestamp
     decode.TABLE_MAPPING[b"T"] = timestamp
+
+
+def tolerate_short_strings_that_are_not_utf8() -> None:
+    """Make pamqp read an AMQP short string that is not UTF-8 (with U+FFFD for the bad bytes) instead of
+    failing the whole frame.
+
+    The routing key, exchange, message id, type and the other short-string fields are bytes on the wire;
+    another client may publish any. pamqp 4 decodes them strictly: one such message then drops the
+    consumer's connection at every delivery (``InvalidFrameError`` in ``Basic.Deliver``), the acks of the
+    whole prefetch window are lost with it, and the valid messages behind it are redelivered again and
+    again until RabbitMQ's delivery limit dead-letters the poison. Read leniently, it reaches incidentd,
+    which dead-letters it or handles it like any other message. Installed once, before the first
+    connection; idempotent.
+    """
+    import struct
+
+    from pamqp import common, decode
+
+    original = decode.METHODS["shortstr"]
+    if getattr(original, "incidentd_tolerant", False):
+        return
+
+    def short_str(value: bytes) -> tuple[int, str]:
+        try:
+            length = common.Struct.byte.unpack(value[0:1])[0]
+        except (struct.error, TypeError) as err:
+            raise ValueError("Could not unpack short string value") from err
+        return length + 1, bytes(value[1 : length + 1]).decode("utf-8", "replace")
+
+    short_str.incidentd_tolerant = True  # type: ignore[attr-defined]
+    short_str.original = original  # type: ignore[attr-defined]
+    decode.METHODS["shortstr"] = short_str
+    decode.short_str = short_str

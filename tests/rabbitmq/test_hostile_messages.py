@@ -160,3 +160,30 @@ async def consume_until_dropped(queue_name: str) -> None:
 
 async def _dead_letters(broker: object, count: int) -> bool:
     return len(await broker.dead_letters.list()) >= count  # type: ignore[attr-defined]
+
+
+async def test_a_routing_key_and_message_id_that_are_not_utf8_block_nothing(settings: Settings) -> None:
+    """A message published with a routing key and a message id whose bytes are not UTF-8 used to make
+    pamqp fail on the ``Basic.Deliver`` frame: the connection dropped at every delivery, the acks of the
+    whole prefetch window were lost, and the valid messages behind it were redelivered over and over
+    (found by tests/rabbitmq/test_fuzz.py). It is read (U+FFFD for the bad bytes) and handled once, the
+    connection stays up, and every message behind it is handled once."""
+    ledger = Ledger()
+    keys = ["not-utf8", *(f"ok{i}" for i in range(5))]
+    async with open_broker(settings, prefetch=8) as broker:
+        await broker.setup()
+        connection = await aio_pika.connect(URL)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(broker.topology.exchange)
+            body = Record(key="not-utf8").model_dump_json().encode()
+            message = aio_pika.Message(body, headers={TYPE_ATTR: Record.TYPE}, message_id=NotUtf8("x"))
+            await exchange.publish(message, routing_key=NotUtf8("x"))
+        await publish_records(broker, keys[1:])
+        async with running(broker, make_dispatcher(ledger)) as stop:
+            await eventually(lambda: sum(ledger.effects.values()) == len(keys), timeout=30)
+            assert broker.subscriber.connected
+            await stop()
+        assert ledger.effects == Counter(keys)
+        topology = broker.topology
+    assert await queue_depth([topology.queue, *topology.retry_queues, topology.dlq]) == 0

@@ -22,11 +22,11 @@ from tests.workers import env_of, sigterm, worker_process
 
 
 def worker(
-    settings: Settings, db: Path, log: Path
+    settings: Settings, db: Path, log: Path, log_level: str = "warning"
 ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """``python app.py worker`` on this test's topology and SQLite file; killed if the test fails."""
     names = ("rabbitmq_url", "rabbitmq_exchange", "rabbitmq_queue", "retry_backoff")
-    env = env_of({"broker": "rabbitmq", "store": "sqlite", "sqlite_path": str(db), "log_level": "warning"})
+    env = env_of({"broker": "rabbitmq", "store": "sqlite", "sqlite_path": str(db), "log_level": log_level})
     return worker_process(env | env_of({n: getattr(settings, n) for n in names}), log)
 
 

@@ -11,15 +11,6 @@ if found; then
     exit 0
 fi
 
-export DEBIAN_FRONTEND=noninteractive
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-    SUDO="sudo"
-fi
-if ! apt-cache show chromium-driver >/dev/null 2>&1; then
-    $SUDO apt-get update -qq
-fi
-# In a container prometheus' own service does not start (no init); only promtool is used.
-$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver prometheus >/dev/null 2>&1 \
-    || $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver prometheus >/dev/null
+. "$(dirname "$0")/apt.sh"
+apt_install chromium chromium-driver prometheus
 found || { echo "install-api: chromium, chromedriver or promtool is missing after the install" >&2; exit 1; }

@@ -10,15 +10,6 @@ if found; then
     exit 0
 fi
 
-export DEBIAN_FRONTEND=noninteractive
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-    SUDO="sudo"
-fi
-if ! apt-cache show prometheus-alertmanager >/dev/null 2>&1; then
-    $SUDO apt-get update -qq
-fi
-# In a container the package's own service does not start (no init); the tests never use it.
-$SUDO apt-get install -y -qq --no-install-recommends prometheus-alertmanager >/dev/null 2>&1 \
-    || $SUDO apt-get install -y -qq --no-install-recommends prometheus-alertmanager >/dev/null
+. "$(dirname "$0")/apt.sh"
+apt_install prometheus-alertmanager
 found || { echo "install-ingest: prometheus-alertmanager installed no alertmanager binary" >&2; exit 1; }

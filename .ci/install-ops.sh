@@ -8,15 +8,6 @@ if command -v kubectl >/dev/null 2>&1; then
     exit 0
 fi
 
-export DEBIAN_FRONTEND=noninteractive
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-    SUDO="sudo"
-fi
-# Refresh the package lists only when they do not know the package yet (another install script may
-# have just updated them).
-if ! apt-cache show kubernetes-client >/dev/null 2>&1; then
-    $SUDO apt-get update -qq
-fi
-$SUDO apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
+. "$(dirname "$0")/apt.sh"
+apt_install kubernetes-client
 kubectl version --client >/dev/null

@@ -1,8 +1,8 @@
 """The built-in handlers' side effects (application/side_effects.py) with in-memory fakes of the adapters:
 enrichment, action rules, the GitHub issue and Slack, and what a redelivery or a failure does to them.
 
-Each message is handled like the dispatcher does: its whole handler list with one context, and again
-(same message id) for a redelivery or retry.
+Each message is handled like the dispatcher does: its whole handler list and the after-commit step with
+one context, and again (same message id) for a redelivery or retry.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from structlog.testing import capture_logs
 
 from application.actions import ActionRule, ActionRules
 from application.commands import AcknowledgeIncident, AlertmanagerWebhook, Command, OpsgenieAction
-from application.dispatcher import Context, bind
+from application.dispatcher import Context, bind, bind_all
 from application.errors import PermanentError, TransientError
 from application.handlers import HANDLERS
 from application.incidents import Incident, IncidentPolicy, TimelineEntry
 from application.ports import ISSUE_LINK, ActionResult, DeploymentStatus, Missing, TrackedIssue
+from application.side_effects import after_commit
 from infra.sqlite.store import SqliteStore
 from tests.conftest import fixture_json
 
@@ -152,10 +153,12 @@ class World:
         deps = {"store": store, "policy": IncidentPolicy(), "actions": actions, "cluster": self.cluster,
                 "issue_tracker": self.tracker, "notifier": self.notifier}  # fmt: skip
         self.handlers = bind(HANDLERS, deps)
+        self.after_commit = bind_all([after_commit], deps)
 
     async def handle(self, command: Command, message_id: str) -> None:
+        """The command's handlers, then the after-commit step, as the dispatcher runs them."""
         ctx = Context(message_id=message_id, idempotency_key=message_id, attempt=1)
-        for handler in self.handlers[type(command)]:
+        for handler in (*self.handlers[type(command)], *self.after_commit):
             await handler(command, ctx)
 
     async def incident(self, key: str) -> Incident:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from application.commands import AcknowledgeIncident, AddNote, CreateIncident, IncidentRef, ResolveIncident
 from application.dispatcher import Context
 from application.errors import PermanentError, TransientError
@@ -28,27 +31,36 @@ async def create_incident(
 
 
 async def acknowledge_incident(cmd: AcknowledgeIncident, ctx: Context, store: IncidentStore) -> None:
-    async with message_transaction(store, ctx, [_changed(cmd)]) as tx:
-        if not tx.already_processed:
-            incident = await _referenced(tx, cmd)
+    async with _referenced_incident(cmd, ctx, store) as incident:
+        if incident is not None:
             incident.acknowledge(at=cmd.at, actor=cmd.actor, message_id=ctx.message_id, note=cmd.note)
-            await tx.update(incident)
 
 
 async def resolve_incident(cmd: ResolveIncident, ctx: Context, store: IncidentStore) -> None:
-    async with message_transaction(store, ctx, [_changed(cmd)]) as tx:
-        if not tx.already_processed:
-            incident = await _referenced(tx, cmd)
+    async with _referenced_incident(cmd, ctx, store) as incident:
+        if incident is not None:
             incident.resolve(at=cmd.at, actor=cmd.actor, message_id=ctx.message_id, note=cmd.note)
-            await tx.update(incident)
 
 
 async def add_note(cmd: AddNote, ctx: Context, store: IncidentStore) -> None:
-    async with message_transaction(store, ctx, [_changed(cmd)]) as tx:
-        if not tx.already_processed:
-            incident = await _referenced(tx, cmd)
+    async with _referenced_incident(cmd, ctx, store) as incident:
+        if incident is not None:
             incident.add_note(note=cmd.note, at=cmd.at, actor=cmd.actor, message_id=ctx.message_id)
-            await tx.update(incident)
+
+
+@asynccontextmanager
+async def _referenced_incident(
+    cmd: IncidentRef, ctx: Context, store: IncidentStore
+) -> AsyncIterator[Incident | None]:
+    """The incident ``cmd`` names, locked, for the block to change; stored when the block ends. None
+    when the message was already processed (the block must then change nothing)."""
+    async with message_transaction(store, ctx, [_changed(cmd)]) as tx:
+        if tx.already_processed:
+            yield None
+            return
+        incident = await _referenced(tx, cmd)
+        yield incident
+        await tx.update(incident)
 
 
 def _changed(cmd: IncidentRef) -> ChangedIncident:

@@ -718,7 +718,7 @@ def dlq_replay(ctx: click.Context, limit: int | None, dry_run: bool) -> None:
     """Re-validate dead letters and publish the valid ones back to the main destination (attempt 1)."""
     from application.analysis import with_analysis
 
-    factory = CommandFactory(with_analysis(HANDLERS, enabled=True))  # incident.analyze is replayable too
+    factory = CommandFactory(with_analysis(HANDLERS))  # incident.analyze is replayable too
     report = asyncio.run(
         _dead_letters(
             _settings(ctx), lambda q: q.replay(validate=factory.decode, limit=limit, dry_run=dry_run)

@@ -52,7 +52,6 @@ from application.commands import (
 )
 from application.dispatcher import Context, Handler
 from application.errors import IncidentdError, PermanentError, TransientError
-from application.handlers import _touched  # the incidents a command changes, as after_commit uses them
 from application.incidents import Incident, SeverityName
 from application.ports import (
     ISSUE_LINK,
@@ -66,6 +65,7 @@ from application.ports import (
     Passage,
     Publisher,
 )
+from application.side_effects import after_commit
 
 log = structlog.get_logger("incidentd.analysis")
 
@@ -760,7 +760,7 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-# --- handlers (registered by with_analysis) -------------------------------------------------------------
+# --- handlers (registered by with_analysis and after_commit_steps) --------------------------------------
 
 
 async def analyze_incident(
@@ -781,11 +781,12 @@ async def analyze_incident(
 async def request_analysis(
     cmd: Command, ctx: Context, store: IncidentStore, analysis: Analysis | None
 ) -> None:
-    """After the store handler: request analyses of the incidents this message opened. Never fails the
-    message: an analysis that cannot be requested is logged and lost (``incidents analyze`` remains)."""
-    if analysis is None:
+    """After the commit: request analyses of the incidents this message opened, from its transaction's
+    record. Never fails the message: an analysis that cannot be requested is logged and lost
+    (``incidents analyze`` remains)."""
+    if analysis is None or not isinstance(cmd, OPENERS):
         return
-    keys = [t.dedup_key for t in _touched(cmd, ctx) if t.dedup_key]
+    keys = [change.dedup_key for change in ctx.changes if change.dedup_key]
     if not keys:
         return
     try:
@@ -798,19 +799,20 @@ async def request_analysis(
         log.error("side_effect.failed", effect="ai.request", error=repr(exc))
 
 
-# Commands whose store handler can open an incident: these get request_analysis after their handlers.
+# Commands whose store handler can open an incident: the only ones request_analysis looks at.
 OPENERS: tuple[type[Command], ...] = (AlertmanagerWebhook, OpsgenieAction, AwsEvent, CreateIncident)
 
 
-def with_analysis(
-    handlers: Mapping[type[Command], Sequence[Handler]], enabled: bool
-) -> dict[type[Command], list[Handler]]:
-    """The handler lists with analysis: ``incident.analyze`` always (dead-lettered with the reason
-    when AI is off, so it can be replayed once it is on), the requests only when enabled."""
-    out = {command: list(chain) for command, chain in handlers.items()}
-    if enabled:
-        for command in OPENERS:
-            if command in out:
-                out[command].append(request_analysis)
-    out[AnalyzeIncident] = [analyze_incident]
-    return out
+def with_analysis(handlers: Mapping[type[Command], Sequence[Handler]]) -> dict[type[Command], list[Handler]]:
+    """The handler lists with ``incident.analyze``, always (dead-lettered with the reason when AI is off,
+    so that it can be replayed once it is on)."""
+    return {
+        **{command: list(chain) for command, chain in handlers.items()},
+        AnalyzeIncident: [analyze_incident],
+    }
+
+
+def after_commit_steps(enabled: bool) -> list[Handler]:
+    """The dispatcher's after-commit steps: the follow-ups, then, with AI enabled, the analysis requests
+    (after them, so that an analysis finds the incident's GitHub issue already open)."""
+    return [after_commit, request_analysis] if enabled else [after_commit]

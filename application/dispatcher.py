@@ -21,7 +21,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -32,6 +32,7 @@ from application.commands import Command
 from application.errors import DecodeError, PermanentError, TransientError
 from application.factory import CommandFactory
 from application.messages import Delivery, Disposition, Message, Outcome
+from application.ports import ChangedIncident
 from application.settle import retry_delay, settle
 
 log = structlog.get_logger("incidentd.dispatcher")
@@ -52,6 +53,9 @@ class Context:
     message_id: str
     idempotency_key: str
     attempt: int
+    # The record of the incidents this delivery's transactions changed, which the after-commit steps
+    # run from (each pass of the handlers records it again).
+    changes: list[ChangedIncident] = field(default_factory=list, compare=False)
 
 
 @dataclass(frozen=True)
@@ -74,15 +78,20 @@ def bind(
     A handler is ``async def handle(command, context, <dependency names...>)``. A name with no
     dependency is an error at start-up, not at the first message.
     """
+    return {command: bind_all(hs, dependencies) for command, hs in handlers.items()}
 
-    def bind_one(handler: Handler) -> BoundHandler:
-        names = list(inspect.signature(handler).parameters)[2:]
-        missing = [n for n in names if n not in dependencies]
-        if missing:
-            raise LookupError(f"{handler.__qualname__} needs {missing}, which nothing provides")
-        return partial(handler, **{n: dependencies[n] for n in names})
 
-    return {command: tuple(bind_one(h) for h in hs) for command, hs in handlers.items()}
+def bind_all(handlers: Iterable[Handler], dependencies: Mapping[str, Any]) -> tuple[BoundHandler, ...]:
+    """:func:`bind` for one list (the after-commit steps)."""
+    return tuple(_bind_one(handler, dependencies) for handler in handlers)
+
+
+def _bind_one(handler: Handler, dependencies: Mapping[str, Any]) -> BoundHandler:
+    names = list(inspect.signature(handler).parameters)[2:]
+    missing = [n for n in names if n not in dependencies]
+    if missing:
+        raise LookupError(f"{handler.__qualname__} needs {missing}, which nothing provides")
+    return partial(handler, **{n: dependencies[n] for n in names})
 
 
 class Dispatcher:
@@ -97,9 +106,12 @@ class Dispatcher:
         retry: RetryPolicy = RetryPolicy(),
         observers: Iterable[Observer] = (),
         receivers: Iterable[Receiver] = (),
+        after_commit: Sequence[BoundHandler] = (),
     ) -> None:
+        """``after_commit``: steps run after every command's handlers, in the same attempt (a failure
+        retries the whole list), from the record of what its transactions changed (``Context.changes``)."""
         self._factory = factory
-        self._handlers = handlers
+        self._handlers = {command: (*hs, *after_commit) for command, hs in handlers.items()}
         self._timeout = timeout
         self._timeouts = dict(timeouts or {})
         self._retry = retry
@@ -229,8 +241,7 @@ class Dispatcher:
     async def _call_handlers(self, command: Command, context: Context) -> None:
         handlers = self._handlers[type(command)]
         try:
-            for handler in handlers:
-                await handler(command, context)
+            await _run_all(handlers, command, context)
         except TransientError:
             # The happy path above pays nothing for tenacity; only a transient failure enters it.
             if self._retry.in_process_attempts <= 1:
@@ -247,8 +258,7 @@ class Dispatcher:
             )
             async for attempt in retrying:
                 with attempt:
-                    for handler in handlers:
-                        await handler(command, context)
+                    await _run_all(handlers, command, context)
 
     def _transient(self, attempt: int, error: str, error_type: str, retry_after: float | None) -> Outcome:
         if attempt >= self._retry.max_attempts:
@@ -285,6 +295,12 @@ class Dispatcher:
                 observer(delivery.message, command_type, outcome, duration)
             except Exception:
                 log.exception("message.observer_failed")
+
+
+async def _run_all(handlers: Sequence[BoundHandler], command: Command, context: Context) -> None:
+    context.changes.clear()  # a retried pass records them again (its store handler finds its key processed)
+    for handler in handlers:
+        await handler(command, context)
 
 
 def _log_outcome(outcome: Outcome, duration_ms: float) -> None:

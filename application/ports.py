@@ -6,7 +6,7 @@ fakes. A protocol exists here only where the application needs one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +19,21 @@ from application.messages import Delivery, Message
 # --- incidents --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ChangedIncident:
+    """An incident a message's transaction changes, as the after-commit step finds it again.
+
+    Named by ``dedup_key`` or ``incident_id``. ``trigger`` is what action rules answer: ``"opened"`` for
+    an Alertmanager alert (it counts only if this message opened the incident), an OEC action's name,
+    or ``""`` for none; ``labels`` are what the rules match.
+    """
+
+    dedup_key: str = ""
+    incident_id: UUID | None = None
+    trigger: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
 class Transaction(Protocol):
     """One unit of work on the incident store.
 
@@ -27,20 +42,20 @@ class Transaction(Protocol):
     the key commit together (so a redelivered message has no second effect); on an exception nothing
     is kept.
 
+    ``changes`` is the record of the incidents this message changes, next to the idempotency record:
+    the handler fills it whether or not ``already_processed`` (a redelivery must find the same
+    follow-ups, application/side_effects.py), and the after-commit step runs from it. The store keeps
+    it in memory only.
+
     Concurrent transactions about the same incident serialise: every read of an incident first locks
     its dedup key for the rest of the transaction (in PostgreSQL an advisory transaction lock, which
     also covers a key that has no incident yet), so a read-modify-write never loses another's update.
+    Locks are taken in one fixed order (dedup keys, then correlation scopes), so transactions locking
+    overlapping sets never deadlock.
     """
 
     already_processed: bool
-
-    async def lock(self, keys: Iterable[str]) -> None:
-        """Lock these keys (dedup keys, or any other name) until the transaction ends.
-
-        Locks are taken in one fixed order, so two transactions locking overlapping sets never
-        deadlock. Take every lock a handler needs in one call, before reading.
-        """
-        ...
+    changes: list[ChangedIncident]
 
     async def latest(self, dedup_keys: Collection[str]) -> dict[str, Incident]:
         """Lock these dedup keys, and return the most recently created incident of each that has one."""
@@ -294,7 +309,7 @@ class Broker(Protocol):
         ...
 
 
-# --- adapters: Kubernetes and AWS (issue 6) ---------------------------------------------------------
+# --- adapters: Kubernetes and AWS ------------------------------------------------------------------
 # Implemented by infra/kubernetes.py and infra/aws.py. Every method has a timeout and raises only
 # TransientError / PermanentError (application.errors) for failures it can classify.
 
@@ -391,7 +406,7 @@ class Cloud(Protocol):
         ...
 
 
-# --- adapters: issue tracker, chat notifier (issue 6) ------------------------------------------------
+# --- adapters: issue tracker, chat notifier --------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -441,7 +456,7 @@ class Notifier(Protocol):
     async def notify(self, incident: Incident, entry: TimelineEntry) -> None: ...
 
 
-# --- AI analysis (issue 16; application/analysis.py, docs/ai.md) --------------------------------------
+# --- AI analysis (application/analysis.py, docs/ai.md) ---------------------------------------------
 
 
 @dataclass(frozen=True)

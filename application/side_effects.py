@@ -1,16 +1,18 @@
 """What the built-in handlers do besides changing the store, and in which order relative to its commit.
 
-Every command's handler list (``HANDLERS``) runs in this order. The dispatcher runs the whole list again
-on a retry.
+A message runs in this order: its command's handler list (``HANDLERS``), then the dispatcher's
+after-commit steps (:func:`after_commit`, then the AI analysis requests when enabled). The dispatcher
+runs all of it again on a retry.
 
 1. **The store handler**: the incident change, in one transaction keyed by the message (effectively once).
-   Nothing here changes it, and nothing here runs inside it.
+   Nothing here changes it, and nothing here runs inside it. The transaction also records which
+   incidents the message changes (``Transaction.changes``): what step 3 runs from.
 2. **enrich** (Alertmanager, with Kubernetes enabled): reads the Deployments the firing alerts name,
    outside any transaction. Then it records what it found (state, or "Deployment shop/web does not
    exist", or the read error) on the open incidents in one short transaction of its own, keyed
    ``<key>:kubernetes``. A failed read is recorded on the incident and never retried: an incident must
    not wait for, or dead-letter because of, a cluster API.
-3. **follow_up**: after the commit, outside any transaction:
+3. **after_commit** (the dispatcher's, for every command): outside any transaction, from that record:
 
    a. re-reads the incidents the message changed (a short read-only transaction);
    b. runs the actions the rules call for;
@@ -48,13 +50,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
 
 import structlog
 
+from application.commands import Command
 from application.dispatcher import Context
 from application.errors import IncidentdError, PermanentError
 from application.incidents import Incident, TimelineEntry
@@ -63,6 +65,7 @@ from application.ports import (
     ISSUE_URL_LINK,
     ActionRunner,
     ActionTrigger,
+    ChangedIncident,
     Cluster,
     DeploymentStatus,
     IncidentStore,
@@ -82,20 +85,6 @@ ACTOR = "incidentd"  # the actor of action results on the timeline
 NOTIFY_KINDS = frozenset(
     {"opened", "acknowledged", "unacknowledged", "resolved", "assigned", "note", "action"}
 )
-
-
-@dataclass(frozen=True)
-class Touched:
-    """An incident a message's store handler changed, as the follow-up finds it again after the commit.
-
-    ``trigger`` is what action rules answer: ``"opened"`` for an Alertmanager alert (it counts only if
-    this message opened the incident), an OEC action's name, or ``""`` for none.
-    """
-
-    dedup_key: str = ""
-    incident_id: UUID | None = None
-    trigger: str = ""
-    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 # --- 2. Kubernetes enrichment ----------------------------------------------------------------------
@@ -153,8 +142,22 @@ def _status_summary(status: DeploymentStatus) -> str:
 # --- 3. after the commit: actions, GitHub, Slack --------------------------------------------------------
 
 
+async def after_commit(
+    cmd: Command,
+    ctx: Context,
+    store: IncidentStore,
+    actions: ActionRunner,
+    issue_tracker: IssueTracker | None,
+    notifier: Notifier | None,
+) -> None:
+    """The dispatcher's after-commit step: the follow-ups of the incidents this message's transaction
+    recorded (none when it recorded none: no extra transaction)."""
+    if ctx.changes:
+        await follow_up(ctx.changes, ctx, store, actions=actions, tracker=issue_tracker, notifier=notifier)
+
+
 async def follow_up(
-    touched: Sequence[Touched],
+    changes: Sequence[ChangedIncident],
     ctx: Context,
     store: IncidentStore,
     *,
@@ -162,11 +165,11 @@ async def follow_up(
     tracker: IssueTracker | None,
     notifier: Notifier | None,
 ) -> None:
-    """Steps a-f of the module docstring for the incidents ``touched`` names."""
-    configured = tracker is not None or notifier is not None or any(_plans(actions, t) for t in touched)
+    """Steps a-f of the module docstring for the incidents ``changes`` names."""
+    configured = tracker is not None or notifier is not None or any(_plans(actions, c) for c in changes)
     if not configured:
         return  # nothing to do for this message: no extra transaction
-    found, retried = await _reread(store, ctx, touched)
+    found, retried = await _reread(store, ctx, changes)
     if not found:
         return
     mid = ctx.message_id
@@ -191,38 +194,38 @@ async def follow_up(
 
 
 async def _reread(
-    store: IncidentStore, ctx: Context, touched: Sequence[Touched]
-) -> tuple[list[tuple[Touched, Incident]], bool]:
+    store: IncidentStore, ctx: Context, changes: Sequence[ChangedIncident]
+) -> tuple[list[tuple[ChangedIncident, Incident]], bool]:
     """The committed incidents this message changed (those with entries by it), read in a transaction
     that changes nothing. Its key being processed already means that an earlier attempt got this far:
     its external calls may have happened."""
     async with store.transaction(f"{ctx.idempotency_key}:follow-up") as tx:
-        keys = [t.dedup_key for t in touched if t.dedup_key]
+        keys = [c.dedup_key for c in changes if c.dedup_key]
         latest = await tx.latest(keys) if keys else {}
-        found: dict[UUID, tuple[Touched, Incident]] = {}
-        for t in touched:
-            incident = latest.get(t.dedup_key) if t.dedup_key else None
-            if incident is None and t.incident_id is not None:
-                incident = await tx.get(t.incident_id)
+        found: dict[UUID, tuple[ChangedIncident, Incident]] = {}
+        for change in changes:
+            incident = latest.get(change.dedup_key) if change.dedup_key else None
+            if incident is None and change.incident_id is not None:
+                incident = await tx.get(change.incident_id)
             if incident is not None and incident.id not in found and _entries_by(incident, ctx.message_id):
-                found[incident.id] = (t, incident)
+                found[incident.id] = (change, incident)
         return list(found.values()), tx.already_processed
 
 
-def _plans(actions: ActionRunner, touched: Touched) -> list[PlannedAction]:
-    return actions.plan(ActionTrigger(touched.trigger, touched.labels)) if touched.trigger else []
+def _plans(actions: ActionRunner, change: ChangedIncident) -> list[PlannedAction]:
+    return actions.plan(ActionTrigger(change.trigger, change.labels)) if change.trigger else []
 
 
 def _owed_actions(
-    found: Sequence[tuple[Touched, Incident]], actions: ActionRunner, mid: str
+    found: Sequence[tuple[ChangedIncident, Incident]], actions: ActionRunner, mid: str
 ) -> dict[tuple[str, str], tuple[PlannedAction, list[Incident]]]:
     """(rule, target) -> the action and the incidents whose trigger asked for it and have no result yet.
     An alert's trigger counts only on the incident this message opened (not on a repeat)."""
     owed: dict[tuple[str, str], tuple[PlannedAction, list[Incident]]] = {}
-    for touched, incident in found:
-        if touched.trigger == "opened" and not _opened_by(incident, mid):
+    for change, incident in found:
+        if change.trigger == "opened" and not _opened_by(incident, mid):
             continue
-        for planned in _plans(actions, touched):
+        for planned in _plans(actions, change):
             if not _has_result(incident, planned.rule, mid):
                 owed.setdefault((planned.rule, planned.target), (planned, []))[1].append(incident)
     return owed
@@ -245,7 +248,7 @@ async def _run_actions(
 
 
 async def _open_issues(
-    found: Sequence[tuple[Touched, Incident]],
+    found: Sequence[tuple[ChangedIncident, Incident]],
     tracker: IssueTracker,
     mid: str,
     retried: bool,
@@ -270,7 +273,7 @@ async def _open_issues(
 async def _record(
     store: IncidentStore,
     ctx: Context,
-    found: Sequence[tuple[Touched, Incident]],
+    found: Sequence[tuple[ChangedIncident, Incident]],
     results: Mapping[UUID, list[str]],
     issues: Mapping[UUID, TrackedIssue],
 ) -> dict[UUID, Incident]:

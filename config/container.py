@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 from dependency_injector import containers, providers
 
 from application.actions import ActionRules
-from application.analysis import Analysis, AnalysisPolicy, with_analysis
+from application.analysis import Analysis, AnalysisPolicy, after_commit_steps, with_analysis
 from application.commands import Command
-from application.dispatcher import Dispatcher, Observer, Receiver, RetryPolicy, bind
+from application.dispatcher import Dispatcher, Observer, Receiver, RetryPolicy, bind, bind_all
 from application.factory import CommandFactory
 from application.handlers import HANDLERS
 from application.incidents import IncidentPolicy
@@ -301,6 +301,7 @@ def build_dispatcher(
     return Dispatcher(
         CommandFactory(handlers),
         bind(handlers, dependencies),
+        after_commit=bind_all(after_commit_steps(settings.ai_enabled), dependencies),
         concurrency=settings.concurrency,
         timeout=settings.command_timeout,
         timeouts=settings.command_timeouts,
@@ -323,7 +324,7 @@ class Container(containers.DeclarativeContainer):
         level=settings.provided.log_level,
         repeat_window=settings.provided.log_repeat_window,
     )
-    handlers = providers.Singleton(with_analysis, HANDLERS, settings.provided.ai_enabled)
+    handlers = providers.Singleton(with_analysis, HANDLERS)
     metrics = providers.Singleton(build_metrics, handlers)
     incident_metrics = providers.Singleton(incident_metrics, metrics.provided.registry)
     store = providers.Selector(

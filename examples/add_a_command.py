@@ -4,8 +4,8 @@ Run it:  python examples/add_a_command.py
 It opens an incident, then feeds a `maintenance.window` message that notes the window on every open
 incident of the service, and prints the incident's timeline.
 
-In the project itself the three steps are: the model in application/commands.py, the handler in
-application/handlers.py, and one line in HANDLERS at the end of application/handlers.py. This example does
+In the project itself the three steps are: the model in application/commands.py, the handler in a module
+of application/handlers/, and one line in HANDLERS in application/handlers/__init__.py. This example does
 the same from outside the package by overriding the container's `handlers` provider.
 """
 

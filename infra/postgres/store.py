@@ -31,7 +31,7 @@ import asyncpg
 
 from application.errors import TransientError
 from application.incidents import Incident, OpenGroup, Status
-from application.ports import IncidentObserver, IncidentQuery, ServiceStats
+from application.ports import ChangedIncident, IncidentObserver, IncidentQuery, ServiceStats
 from common.redact import describe
 from infra.postgres.migrate import _LOCK_NAMESPACE, migrate
 
@@ -124,6 +124,7 @@ class _Transaction:
     def __init__(self, conn: Any, already_processed: bool) -> None:
         self._conn = conn
         self.already_processed = already_processed
+        self.changes: list[ChangedIncident] = []  # filled by the handler, read after the commit
         self._locked: set[str] = set()
         self._loaded: dict[UUID, Status] = {}
         self.staged: dict[UUID, tuple[Incident, Status | None]] = {}
@@ -161,7 +162,8 @@ class _Transaction:
                 tx._prefetched_groups = groups
         return tx
 
-    async def lock(self, keys: Iterable[str]) -> None:
+    async def _lock(self, keys: Iterable[str]) -> None:
+        """Lock keys this transaction does not hold yet, in the one order (``_LOCK`` sorts by hash)."""
         new = sorted(set(keys) - self._locked)
         if new:
             await self._conn.execute(_LOCK, new, _LOCK_NAMESPACE)
@@ -187,7 +189,7 @@ class _Transaction:
         key = await self._conn.fetchval("SELECT dedup_key FROM incidents WHERE id = $1", incident_id)
         if key is None:
             return None
-        await self.lock([key])
+        await self._lock([key])
         doc = await self._conn.fetchval("SELECT doc::text FROM incidents WHERE id = $1", incident_id)
         return self._loaded_incident(doc)
 

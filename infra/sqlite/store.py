@@ -1,8 +1,8 @@
 """Incidents in SQLite, for the embedded default: no server, and incidents persist across runs.
 
 SQLite has one writer at a time, so transactions are serialised by a lock (``BEGIN IMMEDIATE`` under an
-asyncio lock); that is also what makes concurrent messages about the same incident safe here, so
-:meth:`_Transaction.lock` has nothing left to do. The schema is versioned with ``PRAGMA user_version``.
+asyncio lock); that is also what makes concurrent messages about the same incident safe here, so reads
+take no lock of their own. The schema is versioned with ``PRAGMA user_version``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import builtins
 import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +22,7 @@ import aiosqlite
 
 from application.errors import TransientError
 from application.incidents import Incident, OpenGroup, Status
-from application.ports import IncidentObserver, IncidentQuery, ServiceStats
+from application.ports import ChangedIncident, IncidentObserver, IncidentQuery, ServiceStats
 from common.redact import describe
 
 # Index i holds the statements that bring the schema from version i to i + 1.
@@ -106,11 +106,9 @@ class _Transaction:
     def __init__(self, db: aiosqlite.Connection, already_processed: bool) -> None:
         self._db = db
         self.already_processed = already_processed
-        self.changed: dict[UUID, tuple[Incident, Status | None]] = {}
+        self.changes: list[ChangedIncident] = []  # filled by the handler, read after the commit
+        self.staged: dict[UUID, tuple[Incident, Status | None]] = {}
         self._loaded: dict[UUID, Status] = {}
-
-    async def lock(self, keys: Iterable[str]) -> None:
-        """Nothing to do: the whole transaction already holds SQLite's one write lock."""
 
     async def latest(self, dedup_keys: Collection[str]) -> dict[str, Incident]:
         """One query for all the keys (each call is a hop to aiosqlite's thread and back)."""
@@ -142,18 +140,18 @@ class _Transaction:
         ]
 
     async def add(self, incident: Incident) -> None:
-        self.changed[incident.id] = (incident, None)
+        self.staged[incident.id] = (incident, None)
 
     async def update(self, incident: Incident) -> None:
         previous = (
-            self.changed[incident.id][1] if incident.id in self.changed else self._loaded.get(incident.id)
+            self.staged[incident.id][1] if incident.id in self.staged else self._loaded.get(incident.id)
         )
-        self.changed[incident.id] = (incident, previous)
+        self.staged[incident.id] = (incident, previous)
 
     async def flush(self) -> None:
         """Write what the transaction changed, in the order it was first staged (one hop, not one each)."""
-        if self.changed:
-            await self._db.executemany(_UPSERT, [_row(incident) for incident, _ in self.changed.values()])
+        if self.staged:
+            await self._db.executemany(_UPSERT, [_row(incident) for incident, _ in self.staged.values()])
 
     async def _one(self, sql: str, *args: str) -> Incident | None:
         async with self._db.execute(sql, args) as cursor:
@@ -247,7 +245,7 @@ class SqliteStore:
                     raise TransientError(f"SQLite unavailable: {describe(exc)}") from exc
                 raise
         if self._observer is not None:
-            for incident, previous in tx.changed.values():
+            for incident, previous in tx.staged.values():
                 self._observer.changed(incident, previous)
 
     async def get(self, incident_id: UUID) -> Incident | None:

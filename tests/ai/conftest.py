@@ -13,9 +13,16 @@ from typing import Any
 import aiohttp
 import pytest
 
-from application.analysis import Analysis, AnalysisPolicy, AnalysisRecord, analyses, with_analysis
+from application.analysis import (
+    Analysis,
+    AnalysisPolicy,
+    AnalysisRecord,
+    after_commit_steps,
+    analyses,
+    with_analysis,
+)
 from application.commands import AnalyzeIncident, Command
-from application.dispatcher import Context, bind
+from application.dispatcher import Context, bind, bind_all
 from application.factory import CommandFactory
 from application.handlers import HANDLERS
 from application.incidents import Incident, IncidentPolicy
@@ -56,17 +63,19 @@ class AiWorld:
     llm: ModelStandIn
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def handlers(self) -> Any:
+    def handlers(self, command: Command) -> Any:
+        """The command's handlers, then the after-commit steps (the analysis requests among them)."""
         deps = {"store": self.store, "policy": IncidentPolicy(correlation_window=600), **adapters_off(),
                 "analysis": self.analysis, **self.extra}  # fmt: skip
-        return bind(with_analysis(HANDLERS, enabled=True), deps)
+        handlers = bind(with_analysis(HANDLERS), deps)[type(command)]
+        return (*handlers, *bind_all(after_commit_steps(enabled=True), deps))
 
     async def feed(self, type_name: str, data: dict[str, Any], message_id: str) -> None:
         """One message through its handler list, as the dispatcher runs it."""
         message = Message(json.dumps(data).encode(), {TYPE_ATTR: type_name}, message_id)
-        command: Command = CommandFactory(with_analysis(HANDLERS, True)).decode(message)
+        command: Command = CommandFactory(with_analysis(HANDLERS)).decode(message)
         ctx = Context(message_id, message.idempotency_key, 1)
-        for handler in self.handlers()[type(command)]:
+        for handler in self.handlers(command):
             await handler(command, ctx)
 
     async def feed_case(self, case: dict[str, Any], message_id: str = "m-1") -> Incident:

@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 
 from application.commands import AcknowledgeIncident, Command
-from application.dispatcher import bind
+from application.dispatcher import bind, bind_all
 from application.errors import PermanentError
 from application.handlers import HANDLERS
 from application.incidents import Incident, IncidentPolicy
 from application.ports import ActionTrigger, PlannedAction
+from application.side_effects import after_commit
 from infra.sqlite.store import SqliteStore
 from tests.incidents.conftest import alertmanager, aws, context, oec, payload
 
@@ -21,7 +22,8 @@ async def handle(
     store: SqliteStore, deps: dict[str, Any], command: Command, message_id: str | None = None
 ) -> None:
     ctx = context(message_id)  # one delivery: every handler of the list sees the same message
-    for handler in bind(HANDLERS, {"store": store, **deps})[type(command)]:
+    deps = {"store": store, **deps}
+    for handler in (*bind(HANDLERS, deps)[type(command)], *bind_all([after_commit], deps)):
         await handler(command, ctx)
 
 

@@ -1,8 +1,8 @@
 """The built-in handlers' side effects (application/side_effects.py) with in-memory fakes of the adapters:
 enrichment, action rules, the GitHub issue and Slack, and what a redelivery or a failure does to them.
 
-Each message is handled like the dispatcher does: its whole handler list with one context, and again
-(same message id) for a redelivery or retry.
+Each message is handled like the dispatcher does: its whole handler list and the after-commit step with
+one context, and again (same message id) for a redelivery or retry.
 """
 
 from __future__ import annotations
@@ -19,13 +19,25 @@ from structlog.testing import capture_logs
 
 from application.actions import ActionRule, ActionRules
 from application.commands import AcknowledgeIncident, AlertmanagerWebhook, Command, OpsgenieAction
-from application.dispatcher import Context, bind
+from application.dispatcher import Context, Dispatcher, RetryPolicy, bind, bind_all
 from application.errors import PermanentError, TransientError
+from application.factory import CommandFactory
 from application.handlers import HANDLERS
+from application.handlers.events import message_transaction
 from application.incidents import Incident, IncidentPolicy, TimelineEntry
-from application.ports import ISSUE_LINK, ActionResult, DeploymentStatus, Missing, TrackedIssue
+from application.messages import Disposition, Message
+from application.ports import (
+    ISSUE_LINK,
+    ActionResult,
+    ChangedIncident,
+    DeploymentStatus,
+    Missing,
+    TrackedIssue,
+)
+from application.side_effects import after_commit
 from infra.sqlite.store import SqliteStore
 from tests.conftest import fixture_json
+from tests.unit.test_dispatcher import FakeDelivery, outcome_of
 
 CHECKOUT = DeploymentStatus(
     namespace="shop", name="checkout", desired_replicas=3, ready_replicas=2, updated_replicas=3,
@@ -151,11 +163,14 @@ class World:
                               policy=IncidentPolicy(), dry_run=dry_run)  # fmt: skip
         deps = {"store": store, "policy": IncidentPolicy(), "actions": actions, "cluster": self.cluster,
                 "issue_tracker": self.tracker, "notifier": self.notifier}  # fmt: skip
+        self.deps = deps
         self.handlers = bind(HANDLERS, deps)
+        self.after_commit = bind_all([after_commit], deps)
 
     async def handle(self, command: Command, message_id: str) -> None:
+        """The command's handlers, then the after-commit step, as the dispatcher runs them."""
         ctx = Context(message_id=message_id, idempotency_key=message_id, attempt=1)
-        for handler in self.handlers[type(command)]:
+        for handler in (*self.handlers[type(command)], *self.after_commit):
             await handler(command, ctx)
 
     async def incident(self, key: str) -> Incident:
@@ -389,3 +404,100 @@ async def test_a_bad_github_token_on_the_retry_is_logged_and_the_message_acked(
     failed = [(e["effect"], e["error"]) for e in logs if e["event"] == "side_effect.failed"]
     assert failed == [("github.open_issue", "GitHub list issues: 401 Bad credentials")] * 2
     assert sorted(kind for _, kind, _ in world.notifier.sent) == ["opened", "opened"]
+
+
+# --- the dispatcher's after-commit step, from the transaction's record ---------------------------------
+
+
+class NoteOnEach(Command):
+    """A command no built-in handler list knows: a note on each incident named by dedup key."""
+
+    TYPE = "test.note-on-each"
+    dedup_keys: list[str]
+    note: str
+
+
+async def note_on_each(cmd: NoteOnEach, ctx: Context, store: Any) -> None:
+    changes = [ChangedIncident(key) for key in cmd.dedup_keys]
+    async with message_transaction(store, ctx, changes) as tx:
+        if tx.already_processed:
+            return
+        for incident in (await tx.latest(cmd.dedup_keys)).values():
+            incident.add_note(note=cmd.note, at=datetime.now(UTC), actor="bob", message_id=ctx.message_id)
+            await tx.update(incident)
+
+
+def worker(world: World, **retry: Any) -> Dispatcher:
+    """The world's handlers behind a real dispatcher with the after-commit step, as the container wires."""
+    handlers = {**HANDLERS, NoteOnEach: [note_on_each]}
+    policy = RetryPolicy(**{"in_process_initial": 0.001, "in_process_max": 0.002, **retry})
+    return Dispatcher(CommandFactory(handlers), bind(handlers, world.deps), concurrency=2, timeout=10,
+                      retry=policy, after_commit=bind_all([after_commit], world.deps))  # fmt: skip
+
+
+def note_delivery(message_id: str, *keys: str) -> FakeDelivery:
+    body = NoteOnEach(dedup_keys=list(keys), note="rolling back 7.1").model_dump_json().encode()
+    return FakeDelivery(Message(body, {"type": NoteOnEach.TYPE}, message_id))
+
+
+async def test_the_after_commit_step_follows_up_every_incident_the_transaction_recorded(
+    store: SqliteStore, fakes: dict[str, Any]
+) -> None:
+    """A handler the side effects know nothing about records the two incidents it changes on its
+    transaction: after its commit the dispatcher tells Slack and comments on both GitHub issues."""
+    world = World(store, **fakes)
+    await world.handle(firing(), "m-1")
+    d = worker(world)
+    assert (await outcome_of(d, note_delivery("m-2", FIRST, SECOND))).disposition is Disposition.ACK
+
+    assert sorted(sent for sent in world.notifier.sent if sent[1] == "note") == [
+        (FIRST, "note", "1"), (SECOND, "note", "2")
+    ]  # fmt: skip
+    assert [issue["comments"] for issue in world.tracker.issues.values()] == [["note"], ["note"]]
+
+
+async def test_a_redelivered_message_changes_nothing_and_is_followed_up_from_the_same_record(
+    store: SqliteStore, fakes: dict[str, Any]
+) -> None:
+    """The same message again (an idempotency hit): the store handler changes nothing (one note per
+    incident, no second issue), and the record it makes anyway has Slack told again (at-least-once)."""
+    world = World(store, **fakes)
+    await world.handle(firing(), "m-1")
+    d = worker(world)
+    for _ in range(2):
+        assert (await outcome_of(d, note_delivery("m-2", FIRST))).disposition is Disposition.ACK
+
+    notes = [e for e in (await world.incident(FIRST)).timeline if e.kind == "note"]
+    assert len(notes) == 1 and len(world.tracker.issues) == 2
+    assert [sent for sent in world.notifier.sent if sent[1] == "note"] == [(FIRST, "note", "1")] * 2
+
+
+async def test_a_transaction_that_did_not_commit_is_followed_up_by_no_one_until_the_retry(
+    store: SqliteStore, fakes: dict[str, Any]
+) -> None:
+    """The store fails before the note commits: the message is retried and nobody hears of a note that
+    is not there; the redelivery commits it and then Slack hears of it once."""
+    flaky = FlakyStore(store)
+    world = World(flaky, **fakes)
+    await world.handle(firing(), "m-1")
+    flaky.fail_on = "m-2"
+    d = worker(world, in_process_attempts=1)
+    assert (await outcome_of(d, note_delivery("m-2", FIRST))).disposition is Disposition.RETRY
+    assert [sent for sent in world.notifier.sent if sent[1] == "note"] == []
+
+    assert (await outcome_of(d, note_delivery("m-2", FIRST))).disposition is Disposition.ACK
+    assert [sent for sent in world.notifier.sent if sent[1] == "note"] == [(FIRST, "note", "1")]
+
+
+async def test_a_follow_up_retried_in_process_is_done_once(store: SqliteStore, fakes: dict[str, Any]) -> None:
+    """Slack fails once: the after-commit step is part of the attempt, so the dispatcher runs the handlers
+    and it again in-process; the retry finds the same record, each incident is announced once, and the
+    message is acked."""
+    world = World(store, **fakes)
+    await world.handle(firing(), "m-1")
+    world.notifier.failures.append(TransientError("Slack webhook: 503"))
+    d = worker(world)
+    assert (await outcome_of(d, note_delivery("m-2", FIRST, SECOND))).disposition is Disposition.ACK
+    assert sorted(sent for sent in world.notifier.sent if sent[1] == "note") == [
+        (FIRST, "note", "1"), (SECOND, "note", "2")
+    ]  # fmt: skip

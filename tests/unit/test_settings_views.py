@@ -80,7 +80,8 @@ def test_every_broken_rule_between_settings_is_one_line_naming_its_setting(
         "invalid setting INCIDENTD_PUBSUB_PROJECT (default): a project is required when broker is pubsub",
         "invalid setting INCIDENTD_ACTION_RULES (override): rule 'rule-1' (ec2_reboot) needs aws_enabled "
         "(or dry_run)",
-        "invalid setting INCIDENTD_CLICKHOUSE_BUFFER_LIMIT (override): must be at least clickhouse_batch_size",
+        "invalid setting INCIDENTD_CLICKHOUSE_BUFFER_LIMIT (override): must be at least "
+        "clickhouse_batch_size",
         "invalid setting INCIDENTD_GITHUB_REPOSITORY (default): owner/name is required when github_enabled "
         "is true",
         "invalid setting INCIDENTD_GITHUB_TOKEN_FILE (default): github_token or github_token_file is "
@@ -88,7 +89,8 @@ def test_every_broken_rule_between_settings_is_one_line_naming_its_setting(
         "invalid setting INCIDENTD_AI_MODEL (default): a model is required when ai_enabled is true",
         "invalid setting INCIDENTD_AI_BASE_URL (default): the endpoint's base URL is required when "
         "ai_provider is openai",
-        "invalid setting INCIDENTD_HTTP_AUTH (override): 'none' contradicts http_tokens_file; set one of them",
+        "invalid setting INCIDENTD_HTTP_AUTH (override): 'none' contradicts http_tokens_file; "
+        "set one of them",
         "invalid setting INCIDENTD_INCIDENT_ARCHIVE_ENABLED (override): archiving incidents needs "
         "aws_enabled and aws_archive_bucket",
     ]

@@ -20,20 +20,25 @@ from pydantic.fields import FieldInfo
 from config.settings import ENV_PREFIX, Settings
 from config.views import VIEWS, setting_name
 
-# View attribute -> (section title, where the feature is explained, the pip extra it needs).
-SECTIONS: dict[str, tuple[str, str, str]] = {
-    "postgres": ("PostgreSQL store (`store=postgres`)", "incidents.md", "postgres"),
-    "rabbitmq": ("RabbitMQ (`broker=rabbitmq`)", "rabbitmq.md", "rabbitmq"),
-    "pubsub": ("Google Pub/Sub (`broker=pubsub`)", "pubsub.md", "pubsub"),
-    "kubernetes": ("Kubernetes adapter", "adapters.md#kubernetes", "kubernetes"),
-    "aws": ("AWS adapter", "adapters.md#aws", "aws"),
-    "clickhouse": ("ClickHouse event lake", "adapters-lake-github-slack.md", "clickhouse"),
-    "github": ("GitHub issues", "adapters-lake-github-slack.md", "github"),
-    "slack": ("Slack notifications", "adapters-lake-github-slack.md", ""),
-    "ai": ("AI analysis", "ai.md", "ai"),  # ai_provider=bedrock: aws too (see Settings.needed_extras)
-    "ops": ("Ops server: probes and metrics", "operations.md", ""),
-    "http": ("HTTP ingest, incident API and dashboard", "ingest.md", ""),
-    "maintenance": ("Maintenance: retention and archival", "operations.md#retention-and-archival", ""),
+# View attribute -> (section title, when it applies, where it is explained, the pip extra it needs).
+SECTIONS: dict[str, tuple[str, str, str, str]] = {
+    "postgres": ("PostgreSQL store", "With `store=postgres`.", "incidents.md", "postgres"),
+    "rabbitmq": ("RabbitMQ", "With `broker=rabbitmq`.", "rabbitmq.md", "rabbitmq"),
+    "pubsub": ("Google Pub/Sub", "With `broker=pubsub`.", "pubsub.md", "pubsub"),
+    "kubernetes": ("Kubernetes adapter", "", "adapters.md#kubernetes", "kubernetes"),
+    "aws": ("AWS adapter", "", "adapters.md#aws", "aws"),
+    "clickhouse": ("ClickHouse event lake", "", "adapters-lake-github-slack.md", "clickhouse"),
+    "github": ("GitHub issues", "", "adapters-lake-github-slack.md", "github"),
+    "slack": ("Slack notifications", "", "adapters-lake-github-slack.md", ""),
+    "ai": (
+        "AI analysis",
+        "Needs the `ai` extra (`pip install 'incidentd[ai]'`); `ai_provider=bedrock` also the `aws` extra.",
+        "ai.md",
+        "",
+    ),
+    "ops": ("Ops server", "Probes and metrics.", "operations.md", ""),
+    "http": ("HTTP ingest, incident API and dashboard", "", "ingest.md", ""),
+    "maintenance": ("Retention and archival", "", "operations.md#retention-and-archival", ""),
 }
 
 INTRO = f"""\
@@ -156,11 +161,10 @@ def render() -> str:
         "([adapters.md](adapters.md#action-rules)). No extra needed."
     )
     lines += _section("Core", core, placed["core"])
-    for attribute, (title, doc, extra) in SECTIONS.items():
-        needs = f"Needs the `{extra}` extra (`pip install 'incidentd[{extra}]'`). " if extra else ""
-        if attribute == "ai":
-            needs += "`bedrock` also needs the `aws` extra. "
-        intro = f"{needs}View: `settings.{attribute}`. Explained in [{doc}]({doc})."
+    for attribute, (title, when, doc, extra) in SECTIONS.items():
+        needs = f"Needs the `{extra}` extra (`pip install 'incidentd[{extra}]'`)." if extra else ""
+        explained = f"View: `settings.{attribute}`. Explained in [{doc}]({doc})."
+        intro = " ".join(part for part in (when, needs, explained) if part)
         lines += _section(title, intro, placed[attribute])
     return "\n".join(lines).rstrip("\n") + "\n"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from config import docs
@@ -37,3 +38,18 @@ def test_every_setting_appears_once_in_the_reference() -> None:
 def test_the_readme_links_the_reference() -> None:
     """The README's configuration section points at the full reference."""
     assert "docs/configuration.md" in (ROOT / "README.md").read_text()
+
+
+def test_every_setting_the_docs_name_exists() -> None:
+    """A renamed or removed setting cannot linger in the README or docs/: every INCIDENTD_* name there is
+    a setting, except the README's misspelt example, Kubernetes' service-link variables and the test
+    suite's own INCIDENTD_TEST_*."""
+    settings = {f"INCIDENTD_{name.upper()}" for name in Settings.model_fields}
+    not_settings = re.compile(r"INCIDENTD_(CONCURENCY|METRICS_(SERVICE_HOST|PORT\w*)|TEST[\w*]*)$")
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        # INCIDENTD_PUBSUB_* names a group: some setting must start with it
+        named = set(re.findall(r"INCIDENTD_[A-Z0-9_]*[A-Z0-9](?:_\*)?", path.read_text()))
+        unknown = {name for name in named - settings if not not_settings.match(name)}
+        groups = {name for name in unknown if name.endswith("_*")}
+        unknown -= {name for name in groups if any(s.startswith(name[:-1]) for s in settings)}
+        assert unknown == set(), f"{path.name} names settings that do not exist: {sorted(unknown)}"

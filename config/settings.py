@@ -6,6 +6,8 @@ environment variable name, one key in the JSON file and one file name in the sec
 (``incidentd_rabbitmq_url``: a mounted Kubernetes Secret). They are validated once, at start-up; every bad
 value, unknown ``INCIDENTD_*`` name and undecodable JSON value is reported at once, one line each, naming
 the setting, where it came from and (for lists and maps) the place inside it (see :func:`load`).
+Adapters read their own group as a typed view (``settings.clickhouse``: config/views.py). Every field
+carries its description, from which docs/configuration.md is generated (config/docs.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import contextvars
 import difflib
 import json
 import os
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -24,7 +28,6 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -39,7 +42,27 @@ from pydantic_settings import (
 from pydantic_settings import SettingsError as SourceError
 
 from application.actions import AWS_ACTIONS, KUBERNETES_ACTIONS, ActionRule, rule_names
+from common.extras import missing_extras
 from common.redact import redact, register_secret
+from config.views import (
+    AiProvider,
+    AiSettings,
+    AwsSettings,
+    ClickHouseSettings,
+    GitHubSettings,
+    HttpAuth,
+    HttpSettings,
+    KubernetesSettings,
+    MaintenanceSettings,
+    OpsSettings,
+    PostgresSettings,
+    PubSubSettings,
+    QueueType,
+    RabbitMQSettings,
+    Severity,
+    SlackSettings,
+    view_of,
+)
 
 ENV_PREFIX = "INCIDENTD_"
 
@@ -109,67 +132,114 @@ class SlackRoute(BaseModel):
 
 
 class Settings(BaseSettings):
+    """Every setting, flat; ``settings.<group>`` gives an adapter its own typed, read-only view
+    (config/views.py). Field rules sit on the fields; rules between fields are in :meth:`_consistent`,
+    which runs once every value is valid on its own, whatever the declaration order."""
+
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
     # --- core ---------------------------------------------------------------------------------------
-    broker: Literal["memory", "rabbitmq", "pubsub"] = "memory"
-    store: Literal["sqlite", "postgres"] = "sqlite"
-    sqlite_path: Path = Path("var/incidentd.db")
-    concurrency: int = Field(default=64, ge=1, le=10_000)
-    command_timeout: float = Field(default=30.0, gt=0)
-    # Per command type, e.g. {"alertmanager.webhook": 10}; env: INCIDENTD_COMMAND_TIMEOUTS='{"...": 10}'
-    command_timeouts: dict[str, float] = Field(default_factory=dict)
-    max_attempts: int = Field(default=5, ge=1, le=100)
-    # Redelivery delay (seconds) after delivery attempt 1, 2, ...; the last value repeats.
-    retry_backoff: list[float] = Field(default_factory=lambda: [1.0, 5.0, 30.0, 120.0, 600.0], min_length=1)
-    in_process_attempts: int = Field(default=3, ge=1, le=20)
-    shutdown_timeout: float = Field(default=25.0, ge=0)
-    log_format: Literal["json", "console"] = "json"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    # Identical warning / error lines (the same event and error, whatever the message) within this many
-    # seconds are written once, the next one carrying "repeated": N (0: write every line).
-    log_repeat_window: float = Field(default=10.0, ge=0)
-    # How long `worker` and `setup` keep trying to reach the broker and the store at start-up.
-    startup_timeout: float = Field(default=60.0, ge=0)
-    # A directory holding settings as files named like the variables (incidentd_rabbitmq_url, ...): a
-    # mounted Kubernetes Secret. Only from the environment or the config file, not from itself.
-    secrets_dir: Path | None = None
+    broker: Literal["memory", "rabbitmq", "pubsub"] = Field(
+        "memory", description="`memory` (in-process, for local runs and tests), `rabbitmq` or `pubsub`."
+    )
+    store: Literal["sqlite", "postgres"] = Field("sqlite", description="`sqlite` (embedded) or `postgres`.")
+    sqlite_path: Path = Field(
+        Path("var/incidentd.db"),
+        description="The SQLite file: incidents, and the memory broker's dead letters.",
+    )
+    concurrency: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Handlers running at once per worker; the broker's prefetch (RabbitMQ) and flow "
+        "control (Pub/Sub) are 2 x this.",
+    )
+    command_timeout: float = Field(
+        30.0, gt=0, description="Seconds a command's handlers may take, in-process retries included."
+    )
+    command_timeouts: dict[str, float] = Field(
+        default_factory=dict,
+        description='Per command type, e.g. `{"alertmanager.webhook": 10}`; the others get '
+        "`command_timeout`.",
+    )
+    max_attempts: int = Field(
+        5, ge=1, le=100, description="Deliveries before a transiently failing message is dead-lettered."
+    )
+    retry_backoff: list[float] = Field(
+        default_factory=lambda: [1.0, 5.0, 30.0, 120.0, 600.0],
+        min_length=1,
+        description="Redelivery delay in seconds after delivery attempt 1, 2, ...; the last value repeats.",
+    )
+    in_process_attempts: int = Field(
+        3, ge=1, le=20, description="Tries within one delivery for a `TransientError`."
+    )
+    shutdown_timeout: float = Field(
+        25.0, ge=0, description="Seconds in-flight handlers get to finish after SIGTERM."
+    )
+    log_format: Literal["json", "console"] = Field(
+        "json", description="`json` (one object per line on stderr) or `console`; any case."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Any case; client libraries log only warnings and errors unless `debug`."
+    )
+    log_repeat_window: float = Field(
+        10.0,
+        ge=0,
+        description="Identical warning / error lines within this many seconds are written once, the next "
+        'one carrying `"repeated": N` (`0`: write every line).',
+    )
+    startup_timeout: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds `worker` and `setup` keep trying to reach the broker and the store at start-up.",
+    )
+    secrets_dir: Path | None = Field(
+        None,
+        description="A directory of settings as files named like the variables (`incidentd_rabbitmq_url`, "
+        "any case), e.g. a mounted Kubernetes Secret. Only from the environment or the config file.",
+    )
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower_case(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    # --- incidents ----------------------------------------------------------------------------------
-    service_labels: list[str] = Field(default_factory=lambda: ["service", "job"])
-    environment_labels: list[str] = Field(default_factory=lambda: ["environment", "env"])
-    severity_label: str = "severity"
-    # Open incidents of the same service and environment within this many seconds share a correlation group.
-    correlation_window: float = Field(default=300.0, ge=0)
-
-    # --- PostgreSQL incident store (store=postgres) ------------------------------------------------------
-    postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/test"
-    postgres_schema: str = Field(default="", pattern=r"^([a-z_][a-z0-9_]{0,62})?$")  # "" = server default
-    postgres_pool_min: int = Field(default=2, ge=1, le=100)
-    postgres_pool_max: int = Field(default=10, ge=1, le=100)
-
-    # --- rabbitmq (infra/rabbitmq; docs/rabbitmq.md) ------------------------------------------------
-    # Prefetch is derived, not set: 2 x concurrency (capped at 65535), so a slot that frees up finds
-    # the next delivery already in the process while the broker sends more.
-    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
-    rabbitmq_exchange: str = "incidentd"
-    rabbitmq_queue: str = "incidentd"
-    rabbitmq_queue_type: Literal["quorum", "classic"] = "quorum"
-    # Quorum queues: deliveries of one message (including returns when a channel or connection drops)
-    # before RabbitMQ dead-letters it to <queue>.dlq itself - the backstop for a message that kills the
-    # consumer before incidentd can settle it. incidentd's own attempts are counted separately.
-    rabbitmq_delivery_limit: int = Field(default=20, ge=1, le=10_000)
-
-    @field_validator("rabbitmq_url")
+    @field_validator("retry_backoff")
     @classmethod
-    def _amqp_url(cls, value: str) -> str:
-        _check_url(value, ("amqp", "amqps"))
+    def _non_negative(cls, value: list[float]) -> list[float]:
+        if any(v < 0 for v in value):
+            raise ValueError("delays must be >= 0")
         return value
+
+    # --- incidents ----------------------------------------------------------------------------------
+    service_labels: list[str] = Field(
+        default_factory=lambda: ["service", "job"],
+        description="Alert labels naming the service; the first present wins.",
+    )
+    environment_labels: list[str] = Field(
+        default_factory=lambda: ["environment", "env"],
+        description="Alert labels naming the environment; the first present wins.",
+    )
+    severity_label: str = Field("severity", description="The alert label naming the severity.")
+    correlation_window: float = Field(
+        300.0,
+        ge=0,
+        description="Open incidents of the same service and environment within this many seconds share a "
+        "correlation group.",
+    )
+
+    # --- PostgreSQL incident store (store=postgres; docs/incidents.md) -------------------------------
+    postgres_dsn: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/test",
+        description="asyncpg DSN (`postgresql://` or `postgres://`; the host may be a `?host=` socket).",
+    )
+    postgres_schema: str = Field(
+        "",
+        pattern=r"^([a-z_][a-z0-9_]{0,62})?$",
+        description="A schema of its own, created if missing; empty: the server's `search_path`.",
+    )
+    postgres_pool_min: int = Field(2, ge=1, le=100, description="Connections the pool keeps open.")
+    postgres_pool_max: int = Field(10, ge=1, le=100, description="Most connections the pool opens.")
 
     @field_validator("postgres_dsn")
     @classmethod
@@ -177,47 +247,89 @@ class Settings(BaseSettings):
         _check_url(value, ("postgresql", "postgres"), host=False)  # host may be in ?host= (a socket)
         return value
 
-    @field_validator("github_api_url", "kubernetes_host", "aws_endpoint_url")
+    # --- RabbitMQ (broker=rabbitmq; docs/rabbitmq.md) -----------------------------------------------
+    # Prefetch is derived, not set: 2 x concurrency (capped at 65535), so a slot that frees up finds
+    # the next delivery already in the process while the broker sends more.
+    rabbitmq_url: str = Field(
+        "amqp://guest:guest@127.0.0.1:5672/",
+        description="AMQP URL (`amqp://` or `amqps://`); aio-pika's URL options work, e.g. `?heartbeat=30`.",
+    )
+    rabbitmq_exchange: str = Field("incidentd", description="The topic exchange publishers send to.")
+    rabbitmq_queue: str = Field(
+        "incidentd", description="The main queue; `<queue>.retry.<ms>ms` and `<queue>.dlq` derive from it."
+    )
+    rabbitmq_queue_type: QueueType = Field(
+        "quorum", description="`quorum` (replicated, counts deliveries) or `classic`."
+    )
+    # incidentd's own attempts are counted separately (x-incidentd-attempt); this is the backstop for a
+    # message that kills the consumer before incidentd can settle it.
+    rabbitmq_delivery_limit: int = Field(
+        20,
+        ge=1,
+        le=10_000,
+        description="Quorum queues: deliveries of one message (returns on a dropped channel included) "
+        "before RabbitMQ dead-letters it to `<queue>.dlq` itself.",
+    )
+
+    @field_validator("rabbitmq_url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        if value:
-            _check_url(value, HTTP)
+    def _amqp_url(cls, value: str) -> str:
+        _check_url(value, ("amqp", "amqps"))
         return value
 
-    @field_validator("slack_default_webhook_url")
-    @classmethod
-    def _webhook_url(cls, value: SecretStr) -> SecretStr:
-        if value.get_secret_value():
-            _check_url(value.get_secret_value(), HTTP)
-        return value
-
-    # --- pubsub (infra/pubsub; docs/pubsub.md) -----------------------------------------------------
+    # --- Google Pub/Sub (broker=pubsub; docs/pubsub.md) ---------------------------------------------
     # Flow control is derived, like RabbitMQ's prefetch: at most 2 x concurrency messages outstanding.
-    pubsub_project: str = ""  # required with broker=pubsub (the emulator accepts any name)
-    pubsub_topic: str = "incidentd"
-    pubsub_subscription: str = "incidentd-worker"
-    pubsub_dead_letter_topic: str = ""  # empty: "<pubsub_topic>.dlq"
-    pubsub_dead_letter_subscription: str = ""  # empty: "<pubsub_subscription>.dlq" (for `dlq ...`)
-    # Set when `setup` creates the subscription; the client extends leases while a handler runs.
-    pubsub_ack_deadline: int = Field(default=60, ge=10, le=600)
-    # Native dead_letter_policy, a backstop for messages that never reach a handler (0: none); incidentd
-    # dead-letters with the reason itself, long before (see docs/pubsub.md).
-    pubsub_max_delivery_attempts: int = Field(default=20, ge=0, le=100)
-    # The subscription's retry policy for nacks and expired leases (0 and 0: none, redeliver at once).
-    pubsub_retry_min_backoff: float = Field(default=1.0, ge=0, le=600)
-    pubsub_retry_max_backoff: float = Field(default=10.0, ge=0, le=600)
-    pubsub_max_outstanding_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
-    # The longest single lease extension (and the stream's ack deadline): how long the messages of a
-    # worker that died stay invisible before Pub/Sub redelivers them.
-    pubsub_max_lease_extension: int = Field(default=60, ge=10, le=600)
-    pubsub_publish_timeout: float = Field(default=30.0, gt=0)
-
-    @field_validator("pubsub_project")
-    @classmethod
-    def _project_for_pubsub(cls, value: str, info: ValidationInfo) -> str:
-        if info.data.get("broker") == "pubsub" and not value:
-            raise ValueError("a project is required when broker is pubsub")
-        return value
+    pubsub_project: str = Field(
+        "", description="The Google Cloud project; required with `broker=pubsub` (any name on the emulator)."
+    )
+    pubsub_topic: str = Field("incidentd", description="The topic publishers send to.")
+    pubsub_subscription: str = Field("incidentd-worker", description="The workers' subscription.")
+    pubsub_dead_letter_topic: str = Field(
+        "", description="Where dead letters are published; empty: `<pubsub_topic>.dlq`."
+    )
+    pubsub_dead_letter_subscription: str = Field(
+        "", description="What `dlq ...` reads; empty: `<pubsub_subscription>.dlq`."
+    )
+    pubsub_ack_deadline: int = Field(
+        60,
+        ge=10,
+        le=600,
+        description="Seconds; set when `setup` creates the subscription (leases are extended while a "
+        "handler runs).",
+    )
+    # incidentd dead-letters with the reason itself long before this backstop (see docs/pubsub.md).
+    pubsub_max_delivery_attempts: int = Field(
+        20,
+        ge=0,
+        le=100,
+        description="The subscription's native `dead_letter_policy`, a backstop for messages that never "
+        "reach a handler: 5 to 100, or `0` for none.",
+    )
+    pubsub_retry_min_backoff: float = Field(
+        1.0,
+        ge=0,
+        le=600,
+        description="Seconds; the subscription's retry policy for nacks and expired leases (`0` and `0`: "
+        "none, redeliver at once).",
+    )
+    pubsub_retry_max_backoff: float = Field(
+        10.0, ge=0, le=600, description="Seconds; the retry policy's longest delay."
+    )
+    pubsub_max_outstanding_bytes: int = Field(
+        100 * 1024 * 1024, ge=1024, description="Flow control: bytes of messages held at once."
+    )
+    pubsub_max_lease_extension: int = Field(
+        60,
+        ge=10,
+        le=600,
+        description="Seconds; the longest single lease extension: how long the messages of a worker that "
+        "died stay invisible before Pub/Sub redelivers them.",
+    )
+    pubsub_publish_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds to wait for a publish (the CLI, retry and dead-letter copies, replays).",
+    )
 
     @field_validator("pubsub_max_delivery_attempts")
     @classmethod
@@ -226,212 +338,357 @@ class Settings(BaseSettings):
             raise ValueError("Pub/Sub allows 5 to 100 (or 0: no dead-letter policy)")
         return value
 
-    # --- adapters: Kubernetes and AWS (docs/adapters.md) ----------------------------------------------
-    # Actions that change systems (rollout restart, scale, EC2 reboot, Lambda invoke) only log and
-    # report what they would do while this is on. Reads, the S3 archive and metrics are unaffected.
-    dry_run: bool = False
-    kubernetes_enabled: bool = False
-    # Credentials: kubernetes_host (no auth; tests and `kubectl proxy`) > kubernetes_kubeconfig >
-    # the pod's service account > ~/.kube/config.
-    kubernetes_host: str = ""
-    kubernetes_kubeconfig: Path | None = None
-    kubernetes_context: str = ""
-    kubernetes_timeout: float = Field(default=10.0, gt=0)  # seconds, per API call
-    aws_enabled: bool = False
-    aws_region: str = ""  # empty: the usual AWS chain (AWS_REGION, profile, instance metadata)
-    aws_endpoint_url: str = ""  # tests and S3-compatible stores only; empty: AWS's endpoints
-    aws_archive_bucket: str = ""  # empty: archiving fails permanently
-    aws_metric_namespace: str = "incidentd"
-    aws_timeout: float = Field(default=10.0, gt=0)  # seconds, per call including botocore's retries
-    aws_max_attempts: int = Field(default=2, ge=1, le=10)  # botocore's own attempts per call
+    # --- Kubernetes and AWS adapters (docs/adapters.md) ---------------------------------------------
+    dry_run: bool = Field(
+        False,
+        description="Actions that change systems (rollout restart, scale, EC2 reboot, Lambda invoke) only "
+        "check the call and report what they would do. Reads, the S3 archive and metrics are unaffected.",
+    )
+    kubernetes_enabled: bool = Field(
+        False, description="Enrich incidents from, and act on, Kubernetes Deployments."
+    )
+    # Credentials: kubernetes_host > kubernetes_kubeconfig > the pod's service account > ~/.kube/config.
+    kubernetes_host: str = Field(
+        "",
+        description="An API URL used without credentials (`kubectl proxy`, tests); wins over the "
+        "kubeconfig and the service account.",
+    )
+    kubernetes_kubeconfig: Path | None = Field(
+        None, description="A kubeconfig file; unset: the pod's service account, else `~/.kube/config`."
+    )
+    kubernetes_context: str = Field("", description="The kubeconfig context; empty: the file's current one.")
+    kubernetes_timeout: float = Field(10.0, gt=0, description="Seconds per API call.")
+    kubernetes_namespace_labels: list[str] = Field(
+        default_factory=lambda: ["namespace"],
+        min_length=1,
+        description="Alert labels (OEC: alert details) naming the namespace; first present wins.",
+    )
+    kubernetes_deployment_labels: list[str] = Field(
+        default_factory=lambda: ["deployment"],
+        min_length=1,
+        description="Alert labels (OEC: alert details) naming the Deployment; first present wins.",
+    )
+    aws_enabled: bool = Field(
+        False, description="EC2 describe and reboot, the S3 archive, CloudWatch metrics, Lambda invoke."
+    )
+    aws_region: str = Field(
+        "", description="Empty: the usual AWS chain (`AWS_REGION`, the profile, instance metadata)."
+    )
+    aws_endpoint_url: str = Field(
+        "", description="Send every call here instead of AWS's endpoints (tests, S3-compatible stores)."
+    )
+    aws_archive_bucket: str = Field(
+        "", description="The S3 bucket for incident archives; empty: archiving fails permanently."
+    )
+    aws_metric_namespace: str = Field("incidentd", description="The CloudWatch namespace of `put_metric`.")
+    aws_timeout: float = Field(10.0, gt=0, description="Seconds per call, botocore's retries included.")
+    aws_max_attempts: int = Field(
+        2, ge=1, le=10, description="botocore's own attempts per call; the dispatcher retries on top."
+    )
 
-    # --- adapters: ClickHouse event lake, GitHub issues, Slack (docs/adapters-lake-github-slack.md) ---
-    clickhouse_enabled: bool = False
-    clickhouse_host: str = "127.0.0.1"
-    clickhouse_port: int = Field(default=9000, ge=1, le=65535)  # native protocol, not HTTP
-    clickhouse_database: str = "default"
-    clickhouse_user: str = "default"
-    clickhouse_password: SecretStr = SecretStr("")
-    clickhouse_password_file: Path | None = None
-    clickhouse_table: str = Field(default="incidentd_events", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    clickhouse_batch_size: int = Field(default=1000, ge=1, le=1_000_000)
-    clickhouse_flush_interval: float = Field(default=5.0, gt=0)
-    # Rows kept while ClickHouse is unreachable; past it the oldest are dropped (and counted).
-    clickhouse_buffer_limit: int = Field(default=100_000, ge=1)
-    clickhouse_max_body_bytes: int = Field(default=65_536, ge=0)
-    clickhouse_timeout: float = Field(default=10.0, gt=0)
-    clickhouse_close_timeout: float = Field(default=10.0, ge=0)
-    github_enabled: bool = False
-    github_api_url: str = "https://api.github.com"
-    github_repository: str = Field(default="", pattern=r"^$|^[\w.-]+/[\w.-]+$")  # owner/name
-    github_token: SecretStr = SecretStr("")
-    github_token_file: Path | None = None
-    github_min_severity: Literal["critical", "high", "medium", "low", "info"] = "critical"
-    github_labels: list[str] = Field(default_factory=lambda: ["incident"])
-    github_timeout: float = Field(default=10.0, gt=0)
-    slack_enabled: bool = False
-    # First match wins: [{"match": {"service": "api", "severity": ["critical", "high"]},
-    #                     "webhook_url_file": "/run/secrets/slack-api"}, ...]
-    slack_routes: list[SlackRoute] = Field(default_factory=list)
-    slack_default_webhook_url: SecretStr = SecretStr("")
-    slack_default_webhook_url_file: Path | None = None
-    slack_timeout: float = Field(default=10.0, gt=0)
+    @field_validator("github_api_url", "kubernetes_host", "aws_endpoint_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value:
+            _check_url(value, HTTP)
+        return value
 
-    # --- handlers' side effects: Kubernetes enrichment and action rules (docs/adapters.md) -------------
-    # Alert labels (OEC: alert details) naming the Deployment an alert is about; first present wins.
-    kubernetes_namespace_labels: list[str] = Field(default_factory=lambda: ["namespace"], min_length=1)
-    kubernetes_deployment_labels: list[str] = Field(default_factory=lambda: ["deployment"], min_length=1)
-    # [{"name": "restart-on-label", "labels": {"incidentd_action": "restart"}, "action": "restart"},
-    #  {"oec_action": "restartDeployment", "action": "restart"}, ...]; see application/actions.py.
-    action_rules: list[ActionRule] = Field(default_factory=list)
+    # --- ClickHouse event lake, GitHub issues, Slack (docs/adapters-lake-github-slack.md) ----------------
+    clickhouse_enabled: bool = Field(False, description="Write one row per processed message to ClickHouse.")
+    clickhouse_host: str = Field("127.0.0.1", description="The ClickHouse server.")
+    clickhouse_port: int = Field(
+        9000, ge=1, le=65535, description="The **native** protocol port (not HTTP's 8123)."
+    )
+    clickhouse_database: str = Field("default", description="The database; it must exist.")
+    clickhouse_user: str = Field("default", description="The user.")
+    clickhouse_password: SecretStr = Field(SecretStr(""), description="The password.")
+    clickhouse_password_file: Path | None = Field(None, description="A file holding the password.")
+    clickhouse_table: str = Field(
+        "incidentd_events",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="The table, created on the first flush if missing.",
+    )
+    clickhouse_batch_size: int = Field(
+        1000, ge=1, le=1_000_000, description="A flush starts once this many rows are waiting."
+    )
+    clickhouse_flush_interval: float = Field(
+        5.0, gt=0, description="Seconds; a partial batch is flushed at least this often."
+    )
+    clickhouse_buffer_limit: int = Field(
+        100_000,
+        ge=1,
+        description="Rows kept while ClickHouse is unreachable (at least `clickhouse_batch_size`); past "
+        "it the oldest are dropped and counted.",
+    )
+    clickhouse_max_body_bytes: int = Field(65_536, ge=0, description="Message bodies are cut to this length.")
+    clickhouse_timeout: float = Field(10.0, gt=0, description="Seconds for connecting plus one insert.")
+    clickhouse_close_timeout: float = Field(
+        10.0, ge=0, description="Seconds, at shutdown, to keep trying to flush the rest."
+    )
+    github_enabled: bool = Field(
+        False, description="Open a GitHub issue per incident at or above the severity."
+    )
+    github_api_url: str = Field(
+        "https://api.github.com", description="The API (GitHub Enterprise: `https://HOST/api/v3`)."
+    )
+    github_repository: str = Field(
+        "",
+        pattern=r"^$|^[\w.-]+/[\w.-]+$",
+        description="`owner/name` the issues are opened in; required when enabled.",
+    )
+    github_token: SecretStr = Field(
+        SecretStr(""), description="A token with `issues: write`; this or the file is required when enabled."
+    )
+    github_token_file: Path | None = Field(None, description="A file holding the token.")
+    github_min_severity: Severity = Field(
+        "critical", description="Incidents at this severity or above get an issue."
+    )
+    github_labels: list[str] = Field(
+        default_factory=lambda: ["incident"],
+        description="Labels on every issue; `severity:<level>` is added to them.",
+    )
+    github_timeout: float = Field(10.0, gt=0, description="Seconds per request.")
+    slack_enabled: bool = Field(False, description="Post one Slack message per incident transition.")
+    slack_routes: list[SlackRoute] = Field(
+        default_factory=list,
+        description='First match wins: `[{"match": {"service": "api", "severity": ["critical"]}, '
+        '"webhook_url_file": "/run/secrets/slack-api"}]`; `match` keys are `service`, `environment`, '
+        "`severity`; give `webhook_url` or `webhook_url_file`.",
+    )
+    slack_default_webhook_url: SecretStr = Field(
+        SecretStr(""), description="The webhook when no route matches; with neither, nothing is sent."
+    )
+    slack_default_webhook_url_file: Path | None = Field(None, description="A file holding that webhook.")
+    slack_timeout: float = Field(10.0, gt=0, description="Seconds per request.")
+
+    @field_validator("slack_default_webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value():
+            _check_url(value.get_secret_value(), HTTP)
+        return value
+
+    # --- action rules (docs/adapters.md#action-rules) -----------------------------------------------
+    action_rules: list[ActionRule] = Field(
+        default_factory=list,
+        description='Events to actions: `[{"name": "restart-on-label", "labels": {"incidentd_action": '
+        '"restart"}, "action": "restart"}]`; each rule\'s adapter must be enabled (or `dry_run`).',
+    )
 
     @field_validator("action_rules")
     @classmethod
-    def _rules_can_act(cls, rules: list[ActionRule], info: ValidationInfo) -> list[ActionRule]:
-        """Unique names; and, unless dry_run, every rule's adapter enabled (else it fails at start-up,
-        not when the first incident asks for it)."""
+    def _unique_rule_names(cls, rules: list[ActionRule]) -> list[ActionRule]:
         names = rule_names(rules)
         if len(set(names)) != len(names):
             raise ValueError(f"rule names must be unique: {names}")
-        needs = {"kubernetes_enabled": KUBERNETES_ACTIONS, "aws_enabled": AWS_ACTIONS}
-        for name, rule in zip(names, rules, strict=True):
-            for flag, kinds in needs.items():
-                if rule.action in kinds and not info.data.get(flag) and not info.data.get("dry_run"):
-                    raise ValueError(f"rule {name!r} ({rule.action}) needs {flag} (or dry_run)")
         return rules
 
-    @field_validator("clickhouse_buffer_limit")
-    @classmethod
-    def _buffer_holds_a_batch(cls, value: int, info: ValidationInfo) -> int:
-        if value < info.data.get("clickhouse_batch_size", 0):
-            raise ValueError("must be at least clickhouse_batch_size")
-        return value
-
-    @field_validator("github_repository")
-    @classmethod
-    def _repository_when_enabled(cls, value: str, info: ValidationInfo) -> str:
-        if info.data.get("github_enabled") and not value:
-            raise ValueError("owner/name is required when github_enabled is true")
-        return value
-
-    @field_validator("github_token_file")
-    @classmethod
-    def _token_when_enabled(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        token = info.data.get("github_token")
-        if info.data.get("github_enabled") and value is None and not (token and token.get_secret_value()):
-            raise ValueError("github_token or github_token_file is required when github_enabled is true")
-        return value
-
     # --- AI analysis of incidents (docs/ai.md); off by default ----------------------------------------
-    ai_enabled: bool = False
-    ai_provider: Literal["openai", "bedrock"] = "openai"
-    ai_model: str = ""  # required when enabled: e.g. "llama3.1:8b" (Ollama), a Bedrock model or profile id
-    ai_base_url: str = ""  # openai: the endpoint's base URL, e.g. http://127.0.0.1:11434/v1
-    ai_api_key: SecretStr = SecretStr("")  # openai: sent as a Bearer token; none for a local endpoint
-    ai_api_key_file: Path | None = None
-    ai_json_mode: bool = True  # openai: ask for response_format json_object (vLLM, Ollama, OpenAI accept it)
-    ai_region: str = ""  # bedrock: empty for the usual AWS chain
-    ai_endpoint_url: str = ""  # bedrock: tests only
-    ai_min_severity: Literal["critical", "high", "medium", "low", "info"] = "high"
-    ai_knowledge_dir: Path = Path("runbooks")  # markdown runbooks, indexed with BM25, re-indexed on change
-    ai_top_k: int = Field(default=3, ge=0, le=20)  # runbook passages in the prompt
-    ai_history: int = Field(default=5, ge=0, le=50)  # previous resolved incidents in the prompt
-    ai_timeout: float = Field(default=60.0, gt=0, le=600)  # seconds per model call
-    ai_token_budget: int = Field(default=12_000, ge=1_000, le=1_000_000)  # per analysis, retry included
-    ai_max_output_tokens: int = Field(default=1_000, ge=100, le=100_000)
-    ai_max_per_hour: int = Field(default=30, ge=0, le=100_000)  # analyses calling the model, per worker
+    ai_enabled: bool = Field(
+        False, description="Analyse incidents with a chat model; off, nothing of it is imported."
+    )
+    ai_provider: AiProvider = Field(
+        "openai",
+        description="`openai` (any OpenAI-compatible endpoint) or `bedrock` (Converse, the AWS chain).",
+    )
+    ai_model: str = Field(
+        "", description='Required when enabled: e.g. `"llama3.1:8b"` (Ollama), a Bedrock model or profile id.'
+    )
+    ai_base_url: str = Field(
+        "", description="openai: the endpoint's base URL, e.g. `http://127.0.0.1:11434/v1`; required."
+    )
+    ai_api_key: SecretStr = Field(
+        SecretStr(""), description="openai: sent as a Bearer token; none for a local endpoint."
+    )
+    ai_api_key_file: Path | None = Field(None, description="A file holding the API key.")
+    ai_json_mode: bool = Field(
+        True, description='openai: ask for `response_format` `{"type": "json_object"}`.'
+    )
+    ai_region: str = Field("", description="bedrock: the region; empty: the usual AWS chain.")
+    ai_endpoint_url: str = Field("", description="bedrock: another endpoint (tests only).")
+    ai_min_severity: Severity = Field(
+        "high", description="Incidents opening at or above it are analysed automatically."
+    )
+    ai_knowledge_dir: Path = Field(
+        Path("runbooks"), description="Markdown runbooks, indexed with BM25, re-indexed when they change."
+    )
+    ai_top_k: int = Field(3, ge=0, le=20, description="Runbook passages in the prompt.")
+    ai_history: int = Field(5, ge=0, le=50, description="Previous resolved incidents in the prompt.")
+    ai_timeout: float = Field(
+        60.0,
+        gt=0,
+        le=600,
+        description="Seconds per model call; `incident.analyze` gets `2 x ai_timeout + 30` unless "
+        "`command_timeouts` sets one.",
+    )
+    ai_token_budget: int = Field(
+        12_000,
+        ge=1_000,
+        le=1_000_000,
+        description="Tokens per analysis, prompt and answer, the one retry included; at least 3 x "
+        "`ai_max_output_tokens`.",
+    )
+    ai_max_output_tokens: int = Field(1_000, ge=100, le=100_000, description="The answer's limit.")
+    ai_max_per_hour: int = Field(
+        30, ge=0, le=100_000, description="Analyses calling the model, per worker process and hour."
+    )
 
-    @field_validator("ai_model", "ai_base_url")
-    @classmethod
-    def _ai_endpoint(cls, value: str, info: ValidationInfo) -> str:
-        if not info.data.get("ai_enabled") or value:
-            return value
-        if info.field_name == "ai_model":
-            raise ValueError("a model is required when ai_enabled is true")
-        if info.data.get("ai_provider") == "openai":
-            raise ValueError("the endpoint's base URL is required when ai_provider is openai")
-        return value
+    # --- ops server (probes and metrics; docs/operations.md) -----------------------------------------
+    ops_enabled: bool = Field(
+        True, description="Serve `/healthz`, `/readyz` and `/metrics` from `worker` (not with `--from`)."
+    )
+    ops_host: str = Field(
+        "0.0.0.0",
+        description="`0.0.0.0` so the kubelet and Prometheus reach the pod IP; `127.0.0.1` outside a pod.",
+    )
+    ops_port: int = Field(8080, ge=0, le=65535, description="The ops port (`0`: a free one).")
+    ops_loop_lag_threshold: float = Field(
+        10.0, gt=0, description="Seconds the event loop may run late before `/healthz` fails."
+    )
 
-    @field_validator("ai_max_output_tokens")
-    @classmethod
-    def _ai_budget_fits(cls, value: int, info: ValidationInfo) -> int:
-        if info.data.get("ai_token_budget", 0) < 3 * value:
-            raise ValueError("ai_token_budget must be at least 3 x ai_max_output_tokens")
-        return value
+    # --- HTTP ingest, incident API and dashboard (docs/ingest.md, docs/api.md) ----------------------
+    http_host: str = Field(
+        "0.0.0.0", description="Where `ingest` and `run` listen (`run`: `127.0.0.1` unless set)."
+    )
+    http_port: int = Field(8000, ge=0, le=65535, description="The HTTP port (`0`: a free one).")
+    http_tokens_file: Path | None = Field(
+        None,
+        description="Lines `NAME:TOKEN` or `NAME:TOKEN:ROLE[,ROLE]` (roles `ingest`, `read`, `write`; none: "
+        "all); re-read when it changes and on SIGHUP. Without it (or `http_auth=none`) `ingest` refuses "
+        "to start.",
+    )
+    http_auth: HttpAuth = Field(
+        "tokens",
+        description="`none`: serve without authentication even on a real broker or a non-loopback address "
+        "(behind a mesh that authenticates).",
+    )
+    http_max_body_bytes: int = Field(
+        5 * 1024 * 1024,
+        ge=1024,
+        le=9 * 1024 * 1024,
+        description="Larger bodies get 413; the default holds a 1,000-alert Alertmanager batch and stays "
+        "under Pub/Sub's 10 MB.",
+    )
+    http_read_timeout: float = Field(10.0, gt=0, description="Seconds to receive a request's body (408).")
+    http_publish_timeout: float = Field(
+        10.0, gt=0, description="Seconds to wait for the broker's confirm before answering 503."
+    )
+    http_retry_after: int = Field(5, ge=1, le=3600, description="The `Retry-After` of a 503, in seconds.")
+    http_rate_limit: float = Field(100.0, ge=0, description="Requests per second per token (`0`: no limit).")
+    http_rate_burst: int = Field(500, ge=1, description="Requests a token may send at once.")
+    http_tokens_reload_interval: float = Field(
+        5.0, gt=0, description="Seconds between checks of the tokens file."
+    )
+    http_dashboard_refresh: int = Field(
+        15, ge=0, le=3600, description="Seconds between the dashboard's reloads of its data (`0`: never)."
+    )
 
+    # --- maintenance: retention and archival (docs/operations.md#retention) ---------------------------
+    # A key pruned before a broker can hand the message back (redelivery, a Pub/Sub seek over up to 31
+    # days of retention, a dead letter replayed later) lets that copy apply twice.
+    processed_messages_retention_days: float = Field(
+        45.0,
+        ge=0,
+        description="Idempotency keys older than this are deleted (`0`: kept for ever). Keep it above the "
+        "longest time a message can come back.",
+    )
+    incident_archive_enabled: bool = Field(
+        False,
+        description="Archive resolved incidents to S3, then delete them; needs `aws_enabled` and "
+        "`aws_archive_bucket`.",
+    )
+    incident_retention_days: float = Field(
+        90.0, gt=0, description="A resolved incident is archived once its last event is this old."
+    )
+    maintenance_batch_size: int = Field(
+        5000, ge=1, le=1_000_000, description="Rows deleted per transaction (no long locks)."
+    )
+    maintenance_interval: float = Field(
+        3600.0,
+        ge=0,
+        description="Seconds between the worker's maintenance runs (one pod at a time); `0`: never (run "
+        "`app.py maintenance`, e.g. the CronJob in deploy/).",
+    )
+
+    # --- rules between settings -----------------------------------------------------------------------
     @model_validator(mode="after")
-    def _ai_command_timeout(self) -> Settings:
-        """incident.analyze may take two model calls: unless its timeout is set, it gets them."""
-        if self.ai_enabled:
+    def _consistent(self) -> Settings:
+        """Every rule between settings, judged on valid values; all broken rules are reported at once,
+        each naming its setting. Then the defaults that derive from other settings."""
+        conflicts = list(_conflicts(self))
+        if conflicts:
+            raise Conflicts(conflicts)
+        if self.ai_enabled:  # incident.analyze may take two model calls: unless its timeout is set
             self.command_timeouts.setdefault("incident.analyze", 2 * self.ai_timeout + 30)
         return self
 
-    # --- ops server (probes and metrics; see docs/operations.md) -------------------------------------
-    ops_enabled: bool = True
-    # 0.0.0.0 so the kubelet and Prometheus reach the pod IP; bind 127.0.0.1 when running outside a pod.
-    ops_host: str = "0.0.0.0"
-    ops_port: int = Field(default=8080, ge=0, le=65535)
-    # /healthz fails once the event loop runs its watchdog timer this many seconds late (a blocked loop).
-    ops_loop_lag_threshold: float = Field(default=10.0, gt=0)
+    # --- typed views, one per adapter or server (config/views.py) -------------------------------------
+    @property
+    def postgres(self) -> PostgresSettings:
+        return view_of(PostgresSettings, self, "postgres_")
 
-    # --- HTTP ingest (infra/web; docs/ingest.md) --------------------------------------------------------
-    # The webhook front door of `app.py ingest` and `app.py run`; its probes and /metrics stay on ops_port.
-    http_host: str = "0.0.0.0"  # `run` binds 127.0.0.1 unless this is set explicitly
-    http_port: int = Field(default=8000, ge=0, le=65535)
-    # Lines NAME:TOKEN or NAME:TOKEN:ROLE[,ROLE] (roles ingest, read, write; none given = all); re-read
-    # when the file changes and on SIGHUP.
-    http_tokens_file: Path | None = None
-    # "none": serve without authentication even on a real broker or a non-loopback address (behind a
-    # mesh that authenticates). Without a tokens file and without this, `ingest` refuses to start.
-    http_auth: Literal["tokens", "none"] = "tokens"
-    # 5 MiB holds an Alertmanager batch of 1,000 alerts (~1.5 KB each) and stays under Pub/Sub's 10 MB.
-    http_max_body_bytes: int = Field(default=5 * 1024 * 1024, ge=1024, le=9 * 1024 * 1024)
-    http_read_timeout: float = Field(default=10.0, gt=0)  # seconds to receive a request's body
-    # Seconds to wait for the broker's confirm before answering 503 (the sender retries).
-    http_publish_timeout: float = Field(default=10.0, gt=0)
-    http_retry_after: int = Field(default=5, ge=1, le=3600)  # the Retry-After of a 503, in seconds
-    http_rate_limit: float = Field(default=100.0, ge=0)  # requests per second per token (0: no limit)
-    http_rate_burst: int = Field(default=500, ge=1)  # requests a token may send at once
-    http_tokens_reload_interval: float = Field(default=5.0, gt=0)  # seconds between checks of the file
-    # The dashboard (`serve`, `run`; docs/api.md) reloads its data this often, in seconds (0: never).
-    http_dashboard_refresh: int = Field(default=15, ge=0, le=3600)
+    @property
+    def rabbitmq(self) -> RabbitMQSettings:
+        return view_of(RabbitMQSettings, self, "rabbitmq_")
 
-    @field_validator("http_auth")
-    @classmethod
-    def _auth_or_tokens(cls, value: str, info: ValidationInfo) -> str:
-        if value == "none" and info.data.get("http_tokens_file") is not None:
-            raise ValueError("'none' contradicts http_tokens_file; set one of them")
-        return value
+    @property
+    def pubsub(self) -> PubSubSettings:
+        view = view_of(PubSubSettings, self, "pubsub_")
+        return replace(
+            view,
+            dead_letter_topic=view.dead_letter_topic or f"{view.topic}.dlq",
+            dead_letter_subscription=view.dead_letter_subscription or f"{view.subscription}.dlq",
+        )
 
-    # --- maintenance: retention and archival (infra/maintenance.py; docs/operations.md#retention) -------
-    # Idempotency keys (processed_messages) older than this are deleted. It must stay well above the
-    # longest time a broker can hand back a message already handled (redelivery, Pub/Sub seek over a
-    # topic's retention of up to 31 days, a dead letter replayed later): a key pruned earlier lets that
-    # copy apply twice. 0 keeps them for ever.
-    processed_messages_retention_days: float = Field(default=45.0, ge=0)
-    # Resolved incidents whose last event is older than this are archived to S3 (the AWS adapter's
-    # bucket) and then deleted. Off by default; needs aws_enabled and aws_archive_bucket.
-    incident_archive_enabled: bool = False
-    incident_retention_days: float = Field(default=90.0, gt=0)
-    # Rows deleted per transaction (short transactions, no long locks).
-    maintenance_batch_size: int = Field(default=5000, ge=1, le=1_000_000)
-    # Seconds between the worker's maintenance runs (one pod at a time, under an advisory lock); 0: the
-    # worker never runs it (run `app.py maintenance`, e.g. the CronJob in deploy/, instead).
-    maintenance_interval: float = Field(default=3600.0, ge=0)
+    @property
+    def kubernetes(self) -> KubernetesSettings:
+        return view_of(KubernetesSettings, self, "kubernetes_")
 
-    @field_validator("incident_archive_enabled")
-    @classmethod
-    def _archive_needs_a_bucket(cls, value: bool, info: ValidationInfo) -> bool:
-        if value and not (info.data.get("aws_enabled") and info.data.get("aws_archive_bucket")):
-            raise ValueError("archiving incidents needs aws_enabled and aws_archive_bucket")
-        return value
+    @property
+    def aws(self) -> AwsSettings:
+        return view_of(AwsSettings, self, "aws_")
 
-    @field_validator("retry_backoff")
-    @classmethod
-    def _non_negative(cls, value: list[float]) -> list[float]:
-        if any(v < 0 for v in value):
-            raise ValueError("delays must be >= 0")
-        return value
+    @property
+    def clickhouse(self) -> ClickHouseSettings:
+        return view_of(ClickHouseSettings, self, "clickhouse_")
+
+    @property
+    def github(self) -> GitHubSettings:
+        return view_of(GitHubSettings, self, "github_")
+
+    @property
+    def slack(self) -> SlackSettings:
+        return view_of(SlackSettings, self, "slack_")
+
+    @property
+    def ai(self) -> AiSettings:
+        return view_of(AiSettings, self, "ai_")
+
+    @property
+    def ops(self) -> OpsSettings:
+        return view_of(OpsSettings, self, "ops_")
+
+    @property
+    def http(self) -> HttpSettings:
+        return view_of(HttpSettings, self, "http_")
+
+    @property
+    def maintenance(self) -> MaintenanceSettings:
+        return view_of(MaintenanceSettings, self, "maintenance_")
+
+    def needed_extras(self) -> list[tuple[str, str]]:
+        """(the setting that asks, the pip extra it needs) for every optional client library in use."""
+        needs: list[tuple[str, str]] = []
+        if self.broker != "memory":
+            needs.append((f"INCIDENTD_BROKER={self.broker}", self.broker))
+        if self.store == "postgres":
+            needs.append(("INCIDENTD_STORE=postgres", "postgres"))
+        for adapter in ("kubernetes", "aws", "clickhouse", "github", "ai"):
+            if getattr(self, f"{adapter}_enabled"):
+                needs.append((f"INCIDENTD_{adapter.upper()}_ENABLED=true", adapter))
+        if self.ai_enabled and self.ai_provider == "bedrock" and not self.aws_enabled:
+            needs.append(("INCIDENTD_AI_PROVIDER=bedrock", "aws"))
+        return needs
 
     @classmethod
     def settings_customise_sources(
@@ -446,6 +703,53 @@ class Settings(BaseSettings):
         # the environment over both.
         secrets_dir = getattr(file_secret_settings, "secrets_dir", None)
         return (_Env(settings_cls), _Secrets(settings_cls, secrets_dir=secrets_dir), init_settings)
+
+
+# --- rules between settings ------------------------------------------------------------------------------
+
+
+class Conflicts(ValueError):
+    """Broken rules between settings, each (the setting to change, why): load() reports one line each,
+    like a bad value."""
+
+    def __init__(self, conflicts: list[tuple[str, str]]) -> None:
+        self.conflicts = conflicts
+        super().__init__("; ".join(f"{name}: {why}" for name, why in conflicts))
+
+
+def _conflicts(s: Settings) -> Iterator[tuple[str, str]]:
+    """(setting, problem) for each rule between settings that ``s`` breaks."""
+    if s.broker == "pubsub" and not s.pubsub_project:
+        yield "pubsub_project", "a project is required when broker is pubsub"
+    yield from _rules_without_adapter(s)
+    if s.clickhouse_buffer_limit < s.clickhouse_batch_size:
+        yield "clickhouse_buffer_limit", "must be at least clickhouse_batch_size"
+    if s.github_enabled and not s.github_repository:
+        yield "github_repository", "owner/name is required when github_enabled is true"
+    if s.github_enabled and s.github_token_file is None and not s.github_token.get_secret_value():
+        yield "github_token_file", "github_token or github_token_file is required when github_enabled is true"
+    if s.ai_enabled and not s.ai_model:
+        yield "ai_model", "a model is required when ai_enabled is true"
+    if s.ai_enabled and s.ai_provider == "openai" and not s.ai_base_url:
+        yield "ai_base_url", "the endpoint's base URL is required when ai_provider is openai"
+    if s.ai_token_budget < 3 * s.ai_max_output_tokens:
+        yield "ai_max_output_tokens", "ai_token_budget must be at least 3 x ai_max_output_tokens"
+    if s.http_auth == "none" and s.http_tokens_file is not None:
+        yield "http_auth", "'none' contradicts http_tokens_file; set one of them"
+    if s.incident_archive_enabled and not (s.aws_enabled and s.aws_archive_bucket):
+        yield "incident_archive_enabled", "archiving incidents needs aws_enabled and aws_archive_bucket"
+
+
+def _rules_without_adapter(s: Settings) -> Iterator[tuple[str, str]]:
+    """Unless dry_run, an action rule whose adapter is off fails at start-up, not when the first
+    incident asks for it."""
+    if s.dry_run:
+        return
+    needs = {"kubernetes_enabled": KUBERNETES_ACTIONS, "aws_enabled": AWS_ACTIONS}
+    for name, rule in zip(rule_names(s.action_rules), s.action_rules, strict=True):
+        for flag, kinds in needs.items():
+            if rule.action in kinds and not getattr(s, flag):
+                yield "action_rules", f"rule {name!r} ({rule.action}) needs {flag} (or dry_run)"
 
 
 # --- loading: every problem at once, one line each ----------------------------------------------------
@@ -547,6 +851,17 @@ def _problem(error: Any, where: dict[str, str], bad_json: dict[str, str]) -> str
     return f"invalid setting {name} ({origin}){inside}: {message}"
 
 
+def _per_setting(errors: list[Any]) -> Iterator[Any]:
+    """The errors, with the one that lists every broken rule between settings split into one error per
+    setting it names."""
+    for error in errors:
+        conflicts = error.get("ctx", {}).get("error")
+        if not error["loc"] and isinstance(conflicts, Conflicts):
+            yield from ({"loc": (name,), "type": "conflict", "msg": why} for name, why in conflicts.conflicts)
+        else:
+            yield error
+
+
 def load(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings, or raise SettingsError listing every problem (one line each)."""
     return load_with_origins(config_file, **overrides)[0]
@@ -572,7 +887,7 @@ def load_with_origins(config_file: Path | None = None, **overrides: Any) -> tupl
         settings = Settings(**values, _secrets_dir=secrets_dir)
     except ValidationError as exc:
         seen = set()
-        for error in exc.errors(include_url=False):
+        for error in _per_setting(exc.errors(include_url=False)):
             line = _problem(error, where, bad_json)
             field = str(error["loc"][0]) if error["loc"] else "?"
             if field in bad_json:  # one line for an undecodable value, not one per failed check
@@ -587,6 +902,7 @@ def load_with_origins(config_file: Path | None = None, **overrides: Any) -> tupl
     finally:
         _bad_json.reset(token)
     problems += [_problem({"loc": (f,), "type": "json", "msg": ""}, where, bad_json) for f in bad_json]
+    problems += missing_extras(settings.needed_extras())
     if problems:
         raise SettingsError(problems)
     _register_secrets(settings)

@@ -106,7 +106,7 @@ def test_the_builder_copies_everything_the_package_needs() -> None:
     that fails at import time.
     """
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    needed = {project["project"]["readme"]}
+    needed = {project["project"]["readme"], *project["project"].get("license-files", [])}
     needed |= {f"{module}.py" for module in project["tool"]["setuptools"].get("py-modules", [])}
     needed |= {p.rstrip("*") + "/" for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
     needed.add("pyproject.toml")

@@ -3,7 +3,7 @@
 Every adapter opens and closes itself (its module's ``open_…`` async context manager); the container
 names it by path, so that the module and its client library are imported only when the resource is
 first used (``await container.broker()``): a RabbitMQ worker never loads Pub/Sub's or AWS's.
-``shutdown_resources()`` closes what was opened, in reverse order. See docs/architecture.md.
+``shutdown_resources()`` closes what was opened, in reverse order.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ async def _open(path: str, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
 
 
 def opened(path: str, *args: Any, **kwargs: Any) -> providers.Resource[Any]:
+    """A Resource over :func:`_open` (an async generator, which every dependency-injector 4.x opens)."""
     return providers.Resource(_open, path, *args, **kwargs)
 
 

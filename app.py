@@ -184,7 +184,7 @@ async def _feed_worker(settings: Settings, source: Path, *, strict: bool, limit:
             log.info("feed.broker_pinned", configured=configured, used="memory")
         broker = await container.broker()
         feed = Feed(broker, window=max(8 * settings.concurrency, 1000))
-        container.observers.add_args(feed.observe)
+        container.extra_observers.override([feed.observe])
         dispatcher: Dispatcher = await container.dispatcher()  # type: ignore[misc]
         stop, interrupted = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()

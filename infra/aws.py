@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aioboto3
 import orjson
@@ -36,6 +36,9 @@ from botocore.exceptions import (
 
 from application.errors import IncidentdError, PermanentError, TransientError
 from application.ports import ActionResult, Instance
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 # Error codes after which the same call can succeed (botocore's own retry lists, plus expired
 # credentials, which the credential chain refreshes).
@@ -196,6 +199,24 @@ class AwsCloud:
                 factory = self._session.client(service, endpoint_url=self._endpoint_url, config=self._config)
                 self._clients[service] = await self._stack.enter_async_context(factory)
             return self._clients[service]
+
+
+@asynccontextmanager
+async def open_cloud(settings: Settings) -> AsyncIterator[AwsCloud]:
+    """AWS as the ``aws_*`` settings configure it; the clients created meanwhile are closed on exit."""
+    cloud = AwsCloud(
+        region=settings.aws_region,
+        endpoint_url=settings.aws_endpoint_url,
+        archive_bucket=settings.aws_archive_bucket,
+        metric_namespace=settings.aws_metric_namespace,
+        timeout=settings.aws_timeout,
+        max_attempts=settings.aws_max_attempts,
+        dry_run=settings.dry_run,
+    )
+    try:
+        yield cloud
+    finally:
+        await cloud.close()
 
 
 def archive_key(kind: str, id: str, at: datetime) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -327,3 +327,15 @@ def from_settings(settings: Settings) -> EventLake:
         timeout=settings.clickhouse_timeout,
         close_timeout=settings.clickhouse_close_timeout,
     )
+
+
+@contextlib.asynccontextmanager
+async def open_event_lake(settings: Settings) -> AsyncIterator[EventLake]:
+    """The event lake, started (writing in the background); closed after the worker has drained, so that
+    the last outcomes are flushed to ClickHouse."""
+    lake = from_settings(settings)
+    await lake.start()
+    try:
+        yield lake
+    finally:
+        await lake.close()

@@ -16,7 +16,8 @@ fields) is :class:`PermanentError`, because retrying the same request cannot suc
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlencode
@@ -201,3 +202,13 @@ def from_settings(settings: Settings) -> GitHubIssues:
         labels=settings.github_labels,
         min_severity=settings.github_min_severity,
     )
+
+
+@asynccontextmanager
+async def open_issue_tracker(settings: Settings) -> AsyncIterator[GitHubIssues]:
+    """The issue tracker on ``github_repository``; its HTTP session closed on exit."""
+    tracker = from_settings(settings)
+    try:
+        yield tracker
+    finally:
+        await tracker.close()

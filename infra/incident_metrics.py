@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -127,3 +128,14 @@ async def keep_fresh(metrics: IncidentMetrics, store: IncidentStore, interval: f
         except Exception as exc:
             log.warning("metrics.refresh_failed", error=f"{type(exc).__name__}: {exc}")
         await asyncio.sleep(interval)
+
+
+@asynccontextmanager
+async def open_gauge_refresh(metrics: IncidentMetrics, store: IncidentStore) -> AsyncIterator[None]:
+    """The active gauge kept fresh while open (by whoever serves /metrics); stopped on exit."""
+    task = asyncio.create_task(keep_fresh(metrics, store))
+    try:
+        yield None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -15,10 +15,11 @@ import asyncio
 import json
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import structlog
@@ -27,6 +28,9 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from application.errors import IncidentdError, PermanentError, TransientError
 from application.ports import ActionResult, DeploymentStatus, Missing, RolloutState
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 # Names as the API server validates them: a namespace is a DNS-1123 label, a Deployment a DNS-1123
@@ -41,6 +45,23 @@ _MAX_RETRY_AFTER = 300.0
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
+
+
+@asynccontextmanager
+async def open_cluster(settings: Settings) -> AsyncIterator[KubernetesCluster]:
+    """The cluster the ``kubernetes_*`` settings name (see :func:`connect`); its connection pool closed on
+    exit."""
+    cluster = await connect(
+        host=settings.kubernetes_host,
+        kubeconfig=settings.kubernetes_kubeconfig,
+        context=settings.kubernetes_context,
+        call_timeout=settings.kubernetes_timeout,
+        dry_run=settings.dry_run,
+    )
+    try:
+        yield cluster
+    finally:
+        await cluster.close()
 
 
 async def connect(

@@ -22,16 +22,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
 import structlog
 
 from application.incidents import Incident
 from application.ports import Cloud
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 log = structlog.get_logger("incidentd.maintenance")
 
@@ -147,8 +150,24 @@ async def run_periodically(maintenance: Maintenance, interval: float) -> None:
             log.warning("maintenance.failed", error=f"{type(exc).__name__}: {exc}")
 
 
-async def periodic(maintenance: Maintenance, interval: float) -> AsyncIterator[None]:
-    """A dependency-injector Resource: the periodic runs while the worker lives (``interval`` 0: none)."""
+def from_settings(settings: Settings, store: MaintainedStore, cloud: Cloud | None) -> Maintenance:
+    """Retention from the ``*_retention_days`` settings; archival only with ``incident_archive_enabled``."""
+    return Maintenance(
+        store,
+        processed_retention=days(settings.processed_messages_retention_days),
+        batch_size=settings.maintenance_batch_size,
+        incident_retention=(
+            days(settings.incident_retention_days) if settings.incident_archive_enabled else None
+        ),
+        cloud=cloud,
+    )
+
+
+@asynccontextmanager
+async def open_loop(settings: Settings, maintenance: Maintenance) -> AsyncIterator[None]:
+    """The worker's periodic runs while open (``maintenance_interval`` 0: none); on exit the run in
+    progress, if any, is cancelled and awaited."""
+    interval = settings.maintenance_interval
     task = asyncio.create_task(run_periodically(maintenance, interval)) if interval > 0 else None
     try:
         yield None

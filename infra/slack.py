@@ -11,7 +11,8 @@ other 4xx (``no_service``, ``channel_is_archived``, ``invalid_payload``...) are 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -161,3 +162,13 @@ def from_settings(settings: Settings) -> SlackNotifier:
     )
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.slack_timeout))
     return SlackNotifier(session, routes, default)
+
+
+@asynccontextmanager
+async def open_notifier(settings: Settings) -> AsyncIterator[SlackNotifier]:
+    """The notifier posting to the configured webhooks; its HTTP session closed on exit."""
+    notifier = from_settings(settings)
+    try:
+        yield notifier
+    finally:
+        await notifier.close()

@@ -1,14 +1,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 from uuid import uuid4
 
 from application.messages import Message
 from application.settle import read_message
 from infra.memory.subscriber import MemorySubscriber
 from infra.sqlite.dead_letters import SqliteDeadLetters
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 
 class MemoryQueue:
@@ -83,3 +88,16 @@ class MemoryBroker:
     async def close(self) -> None:
         self.queue.close()
         await self.dead_letters.close()
+
+
+@asynccontextmanager
+async def open_broker(settings: Settings) -> AsyncIterator[MemoryBroker]:
+    """The embedded broker, its dead letters kept in ``sqlite_path`` (``dlq list`` reads them after the
+    run); closed on exit."""
+    broker = MemoryBroker(
+        await SqliteDeadLetters.open(settings.sqlite_path), prefetch=settings.concurrency * 2
+    )
+    try:
+        yield broker
+    finally:
+        await broker.close()

@@ -24,7 +24,7 @@ import builtins
 from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import asyncpg
@@ -34,6 +34,9 @@ from application.incidents import Incident, OpenGroup, Status
 from application.ports import ChangedIncident, IncidentObserver, IncidentQuery, ServiceStats
 from common.redact import describe
 from infra.postgres.migrate import _LOCK_NAMESPACE, migrate
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 _LOCK = (
     "SELECT pg_advisory_xact_lock($2, h) FROM "
@@ -386,3 +389,18 @@ class PostgresStore:
                 _DELETE_ARCHIVED, [i.id for i, _ in archived], [doc for _, doc in archived]
             )
         return int(status.split()[-1])
+
+
+@asynccontextmanager
+async def open_store(
+    settings: Settings, observer: IncidentObserver | None = None
+) -> AsyncIterator[PostgresStore]:
+    """The pool on ``postgres_dsn``, the schema migrated; closed on exit."""
+    store = await PostgresStore.open(
+        settings.postgres_dsn, min_size=settings.postgres_pool_min, max_size=settings.postgres_pool_max,
+        schema=settings.postgres_schema, observer=observer,
+    )  # fmt: skip
+    try:
+        yield store
+    finally:
+        await store.close()

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 import aiosqlite
@@ -24,6 +25,9 @@ from application.errors import TransientError
 from application.incidents import Incident, OpenGroup, Status
 from application.ports import ChangedIncident, IncidentObserver, IncidentQuery, ServiceStats
 from common.redact import describe
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 # Index i holds the statements that bring the schema from version i to i + 1.
 MIGRATIONS = [
@@ -395,3 +399,16 @@ def _utc(at: datetime) -> str:
 def _like_escape(text: str) -> str:
     """``text`` for a LIKE pattern with ESCAPE '\\': its % and _ match themselves."""
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+@asynccontextmanager
+async def open_store(
+    settings: Settings, observer: IncidentObserver | None = None
+) -> AsyncIterator[SqliteStore]:
+    """The store at ``sqlite_path``, migrated; closed on exit (an open connection's thread would keep the
+    process alive)."""
+    store = await SqliteStore.open(settings.sqlite_path, observer)
+    try:
+        yield store
+    finally:
+        await store.close()

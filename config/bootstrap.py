@@ -4,8 +4,8 @@ the ops server made ready, the worker drained, the HTTP servers started; and the
 
 The CLI (app.py), the tests, the benchmarks and the HTTP servers all start through here, so there is one
 start-up and one shutdown order to read (docs/architecture.md). Nothing here prints except the HTTP
-servers' "listening on" lines; a refused one-shot operation raises :class:`Refused`, which the CLI shows
-as one line.
+servers' "listening on" lines; a one-shot operation the broker or the store refuses raises
+:class:`config.cli_output.Refused`, which the CLI shows as one line.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from application.ports import Broker, DeadLetter, DeadLetterQueue, ReplayReport
 from application.worker import run_worker
 from common.redact import redact
 from common.startup import StartupError, Stopped, wait_for
-from config.cli_output import version
+from config.cli_output import Refused, version
 from config.container import Container
 from config.settings import Settings
 
@@ -40,11 +40,6 @@ if TYPE_CHECKING:
     from infra.web.server import AuthPlan, HttpServer
 
 T = TypeVar("T")
-
-
-class Refused(Exception):
-    """A one-shot operation the broker or the store refused (not confirmed, bucket missing...): the
-    message is the whole story, so the CLI shows it as one line and exits 1."""
 
 
 @asynccontextmanager

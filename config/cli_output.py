@@ -1,9 +1,12 @@
-"""What the command line prints for people: tables, summaries, an incident's detail, a dead letter as JSON.
+"""What the command line says to people: how a failure ends (one line and an exit status, the settings'
+problems one per line) and what a command prints (tables, summaries, an incident's detail, a dead letter
+as JSON).
 
-Kept apart from config/bootstrap.py because the two change for different reasons (a column vs a start-up
-step) and have different users: the bootstrap is shared with the tests, the benchmarks and the HTTP
-servers, which print none of this. Every function returns text and decides nothing, so app.py stays the
-only place that writes to the terminal; everything untrusted goes through ``printable`` first.
+Kept apart from config/bootstrap.py because the two change for different reasons (a column or an exit
+status vs a start-up step) and have different users: the bootstrap is shared with the tests, the
+benchmarks and the HTTP servers, which print none of this. And kept light (click and ``common.text`` at
+module level, the rest on use), because app.py imports it for ``--help``. Everything untrusted goes
+through ``printable`` before it reaches a terminal.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ def version() -> str:
 # --- how a command fails: one line and an exit status ------------------------------------------------
 
 
+class Refused(Exception):
+    """A one-shot operation the broker or the store refused (not confirmed, bucket missing...), raised
+    by config/bootstrap.py: the message is the whole story, so it is shown as click's one-line error."""
+
+
 class OneLineErrors(click.Group):
     """Every failure of every command is one line (a JSON log line once JSON logging is set up, else
     ``incidentd: ...``) and exit 1; the traceback only with ``--debug``. Ctrl-C is exit 130, quietly."""
@@ -56,8 +64,6 @@ class OneLineErrors(click.Group):
         except KeyboardInterrupt:
             ctx.exit(130)
         except Exception as exc:
-            from config.bootstrap import Refused  # loaded already when it is one
-
             if isinstance(exc, Refused):  # the broker or the store said no: its message is the story
                 raise click.ClickException(str(exc)) from None
             fail(exc, debug=bool(ctx.params.get("debug")), command=ctx.invoked_subcommand or "")

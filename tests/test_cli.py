@@ -162,6 +162,30 @@ def test_every_command_has_help(env):
         assert result.returncode == 0 and "Usage:" in result.stdout, args
 
 
+HEAVY = ("application", "infra", "config.bootstrap", "config.container", "config.settings", "aiohttp",
+         "pydantic", "pydantic_settings", "structlog", "dependency_injector")  # fmt: skip
+
+
+@pytest.mark.parametrize("args", [["--help"], ["worker", "--help"], ["--version"], ["dlq", "--bogus"]])
+def test_help_version_and_usage_errors_answer_without_loading_the_application(env, args):
+    """`--help`, `--version` and a mistyped option are answered by click alone: the application, the
+    adapters, the settings model and the HTTP server are imported only by a command that runs (loading
+    them all is what made `--help` take most of a second)."""
+    probe = (
+        "import json, sys; sys.argv = ['app.py', *json.loads(sys.argv[1])]; import app\n"
+        "try:\n    app.main()\nexcept SystemExit:\n    pass\n"
+        "sys.stderr.write('\\nloaded: ' + json.dumps(sorted(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, json.dumps(args)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    loaded = json.loads(result.stderr.rsplit("loaded: ", 1)[1])
+    assert "click" in loaded and "app" in loaded
+    assert [m for m in loaded if m.split(".")[0] in HEAVY or m.startswith(HEAVY)] == []
+    assert ("Usage:" in result.stdout or "incidentd " in result.stdout) or "No such option" in result.stderr
+
+
 # --- worker --from: the main job on the embedded default ---------------------------------------------
 
 

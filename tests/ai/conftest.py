@@ -29,10 +29,10 @@ from application.incidents import Incident, IncidentPolicy
 from application.messages import TYPE_ATTR, Message
 from infra.ai.knowledge import RunbookIndex
 from infra.ai.openai import OpenAIChat
-from infra.noop_actions import adapters_off
 from infra.sqlite.store import SqliteStore
 from tests.incidents.conftest import pg_schema, postgres_store  # noqa: F401  (fixtures: PostgreSQL)
 from tests.standins.llm import ModelStandIn
+from tests.standins.noop_actions import adapters_off
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 RUNBOOKS = FIXTURES / "runbooks"

@@ -30,8 +30,8 @@ from application.handlers import HANDLERS
 from application.incidents import IncidentPolicy
 from application.messages import TYPE_ATTR, Message
 from infra.ai.knowledge import RunbookIndex
-from infra.noop_actions import adapters_off
 from infra.sqlite.store import SqliteStore
+from tests.standins.noop_actions import adapters_off
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 RUNBOOKS = FIXTURES / "runbooks"

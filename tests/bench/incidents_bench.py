@@ -39,9 +39,9 @@ from application.messages import TYPE_ATTR
 from application.worker import run_worker
 from common.logging import configure_logging
 from infra.memory import MemoryBroker
-from infra.noop_actions import adapters_off
 from infra.sqlite.dead_letters import SqliteDeadLetters
 from infra.sqlite.store import SqliteStore
+from tests.standins.noop_actions import adapters_off
 
 PG_DSN = os.environ.get("INCIDENTD_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 # The server's CPU is read from /proc only when it runs on this machine.

@@ -22,8 +22,8 @@ DEVNULL = open(os.devnull, "w")  # noqa: SIM115 - the B side's log stream, for t
 def noop_dispatcher(concurrency: int, log_level: str, on_outcome: Callable[..., None]) -> Any:
     """A Dispatcher for ``bench.noop`` commands (a pydantic model, decoded like any command) whose
     handler does nothing; logging configured as a worker's, to /dev/null. ``on_outcome`` observes every
-    settled delivery. Imports the whole CLI first, so the process carries a real worker's footprint."""
-    import app  # noqa: F401  - the worker's whole import footprint, for an honest RSS
+    settled delivery. Imports the worker's bootstrap first, so the process carries a worker's footprint."""
+    import config.bootstrap  # noqa: F401  - the worker's whole import footprint, for an honest RSS
     from application.commands import Command
     from application.dispatcher import Context, Dispatcher, bind
     from application.factory import CommandFactory

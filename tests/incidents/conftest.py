@@ -15,9 +15,9 @@ import pytest
 from application.commands import AlertmanagerWebhook, AwsEvent, OpsgenieAction
 from application.dispatcher import Context
 from application.incidents import IncidentPolicy
-from infra.noop_actions import adapters_off
 from infra.sqlite.store import SqliteStore
 from tests.services import port_open, require
+from tests.standins.noop_actions import adapters_off
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 PG_DSN = os.environ.get("INCIDENTD_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")

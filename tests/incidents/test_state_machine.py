@@ -19,9 +19,9 @@ from application.dispatcher import bind
 from application.errors import TransientError
 from application.handlers import HANDLERS
 from application.incidents import Incident, IncidentPolicy, Status
-from infra.noop_actions import adapters_off
 from infra.sqlite.store import SqliteStore
 from tests.incidents.conftest import alertmanager, context, oec, payload
+from tests.standins.noop_actions import adapters_off
 
 T0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 _RANK = {"fire": 0, "ack": 1, "unack": 2, "resolve": 3}

@@ -19,9 +19,9 @@ from application.factory import CommandFactory
 from application.handlers import HANDLERS
 from application.incidents import Incident, IncidentPolicy, Status
 from application.messages import TYPE_ATTR, Disposition, Message, Outcome
-from infra.noop_actions import adapters_off
 from infra.sqlite.store import SqliteStore
 from tests.incidents.conftest import PG_DSN, drop_schema, payload, postgres_available
+from tests.standins.noop_actions import adapters_off
 
 
 class Delivery:

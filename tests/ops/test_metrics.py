@@ -11,11 +11,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import _ops_ready, _start_ops
 from application.commands import Command
 from application.dispatcher import Context, Dispatcher, bind
 from application.factory import CommandFactory
 from application.messages import TYPE_ATTR, Message, Outcome
+from config.bootstrap import ops_ready, start_ops
 from config.container import Container
 from config.settings import load
 from infra.incident_metrics import MAX_ACTIVE_SERVICES, OTHER_SERVICE, IncidentMetrics
@@ -125,7 +125,7 @@ class SettleFails(FakeDelivery):
 
 
 async def worker_metrics(tmp_path: Path, dispatcher_test: Any) -> dict[str, Any]:
-    """Start the worker's ops server the way `app.py worker` does (app._start_ops, app._ops_ready), run
+    """Start the worker's ops server the way `app.py worker` does (bootstrap.start_ops, ops_ready), run
     ``dispatcher_test(dispatcher)``, and return the unlabelled samples /metrics shows then (and
     incidentd_build_info's labels, as "build <label>")."""
     settings = load(sqlite_path=tmp_path / "incidentd.db", ops_host="127.0.0.1", ops_port=0, concurrency=1)
@@ -133,9 +133,9 @@ async def worker_metrics(tmp_path: Path, dispatcher_test: Any) -> dict[str, Any]
     broker = SimpleNamespace(subscriber=SimpleNamespace(connected=True))
     try:
         dispatcher: Dispatcher = await container.dispatcher()  # type: ignore[misc]
-        server = await _start_ops(settings, container)
+        server = await start_ops(settings, container)
         assert server is not None
-        await _ops_ready(server, container, broker, dispatcher)
+        await ops_ready(server, container, broker, dispatcher)
         try:
             await dispatcher_test(dispatcher)
             _, text = await get(f"http://127.0.0.1:{server.port}/metrics")

@@ -72,6 +72,10 @@ class _Work:
         self._scopes = _Work.scopes(scopes)
         self.latest = await self._tx.latest(dedup_keys)
 
+    def correlate_in(self, scopes: Collection[tuple[str, str]]) -> None:
+        """Narrow the scopes locked and read at the first opening to these (every opening's scope)."""
+        self._scopes = _Work.scopes(scopes)
+
     @staticmethod
     def scopes(scopes: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
         """The scopes :meth:`load` would lock (incidents without a service are not correlated), for
@@ -143,12 +147,13 @@ async def alertmanager_webhook(
     """Each alert of the batch, by fingerprint: firing opens (or counts an occurrence), resolved resolves."""
     alerts = [(_alert_key(a), a, {**cmd.common_labels, **a.labels}) for a in cmd.alerts]
     keys = [key for key, _, _ in alerts]
-    scopes = _Work.scopes(_scope(labels, policy) for _, _, labels in alerts)
-    async with store.transaction(ctx.idempotency_key, keys, scopes) as tx:
+    async with store.transaction(ctx.idempotency_key, keys) as tx:
         if tx.already_processed:
             return
         work = _Work(tx, ctx, policy)
-        await work.load(keys, scopes)
+        await work.load(keys)
+        # Correlation scopes are locked (in one statement, after the keys) only where an incident opens.
+        work.correlate_in(_opening_scopes(alerts, work, policy))
         for key, alert, labels in alerts:
             fields = _alert_fields(cmd, alert, labels, policy)
             if alert.status == "firing":
@@ -156,6 +161,25 @@ async def alertmanager_webhook(
             else:
                 ended = _real_time(alert.ends_at) or alert.starts_at
                 await work.resolve(key, ended, "alertmanager", fields, started=alert.starts_at)
+
+
+def _opening_scopes(
+    alerts: list[tuple[str, Alert, dict[str, str]]], work: _Work, policy: IncidentPolicy
+) -> list[tuple[str, str]]:
+    """The scopes in which this batch may open an incident: those of its firing alerts whose key has no
+    incident or one that this firing succeeds (a key named twice in the batch counts as opening). Locking
+    only these, not every scope of the batch, is what keeps batches of different services apart."""
+    counts: dict[str, int] = {}
+    for key, _, _ in alerts:
+        counts[key] = counts.get(key, 0) + 1
+    opening = []
+    for key, alert, labels in alerts:
+        if alert.status != "firing":
+            continue
+        current = work.latest.get(key)
+        if counts[key] > 1 or current is None or current.starts_new_episode(alert.starts_at):
+            opening.append(_scope(labels, policy))
+    return _Work.scopes(opening)
 
 
 def _alert_key(alert: Alert) -> str:

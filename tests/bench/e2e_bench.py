@@ -45,6 +45,7 @@ PG_DSN = os.environ.get("INCIDENTD_POSTGRES_DSN", "postgresql://postgres@127.0.0
 TYPE = "alertmanager.webhook"
 PREFETCH = 128  # A: the worker's derived prefetch at its default concurrency (2 x 64)
 POOL = 10  # A: the worker's default pool size
+PROFILE = os.environ.get("E2E_BENCH_PROFILE", "")  # a file name prefix: py-spy raw profiles of B
 SAMPLE = 0.02  # seconds between pg_stat_activity samples
 T0 = datetime(2026, 11, 23, 10, tzinfo=UTC)
 TICK = os.sysconf("SC_CLK_TCK")
@@ -297,6 +298,9 @@ async def run(side: str, bodies: list[bytes], round_: int) -> dict[str, float]:
                     tail = (tail + [line])[-30:]
                     if b"consuming" in line:
                         break
+                if PROFILE and side == "B":  # sampled from outside for 20 s; its own CPU is not the worker's
+                    profile = [f"--pid={proc.pid}", "-r", "200", "-d", "20", "-f", "raw", "-o", f"{PROFILE}.{round_}"]
+                    await asyncio.create_subprocess_exec("py-spy", "record", *profile, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
                 started, cpu0 = time.perf_counter(), proc_cpu(proc.pid)
                 await sampler.mark_start()
                 if side == "A":

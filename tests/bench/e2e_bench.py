@@ -30,7 +30,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -45,6 +44,7 @@ PG_DSN = os.environ.get("INCIDENTD_POSTGRES_DSN", "postgresql://postgres@127.0.0
 TYPE = "alertmanager.webhook"
 PREFETCH = 128  # A: the worker's derived prefetch at its default concurrency (2 x 64)
 POOL = 10  # A: the worker's default pool size
+BASELINE = ""  # --baseline
 PROFILE = os.environ.get("E2E_BENCH_PROFILE", "")  # a file name prefix: py-spy raw profiles of B
 SAMPLE = 0.02  # seconds between pg_stat_activity samples
 T0 = datetime(2026, 11, 23, 10, tzinfo=UTC)
@@ -107,7 +107,7 @@ async def fill(name: str, bodies: list[bytes]) -> None:
                             body, headers={"type": TYPE}, message_id=f"m-{i}", content_type="application/json"
                         ),
                         routing_key=name,
-                    )  # fmt: skip
+                    )
                     for i, body in enumerate(bodies[start : start + 500], start)
                 )
             )
@@ -142,7 +142,8 @@ CREATE TABLE "{0}".alerts (fingerprint text PRIMARY KEY, service text NOT NULL, 
 _A_PROCESSED = "INSERT INTO processed (id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true"
 _A_UPSERT = """
 INSERT INTO alerts (fingerprint, service, status, occurrences, last_seen, doc)
-SELECT f, s, st, 1, now(), d::jsonb FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS r(f, s, st, d)
+SELECT f, s, st, 1, now(), d::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS r(f, s, st, d)
 ORDER BY f
 ON CONFLICT (fingerprint) DO UPDATE SET status = EXCLUDED.status, last_seen = EXCLUDED.last_seen,
     occurrences = alerts.occurrences + 1, doc = EXCLUDED.doc
@@ -273,7 +274,8 @@ async def run(side: str, bodies: list[bytes], round_: int) -> dict[str, float]:
         argv = [sys.executable, __file__, "--child", name, "--schema", schema, "--app-name", app_name,
                 "--batches", str(len(bodies))]  # fmt: skip
     else:
-        argv = [sys.executable, str(ROOT / "app.py"), "worker"]
+        root = Path(BASELINE) if side == "B0" else ROOT
+        argv = [sys.executable, str(root / "app.py"), "worker"]
         env.update(
             INCIDENTD_BROKER="rabbitmq", INCIDENTD_STORE="postgres", INCIDENTD_RABBITMQ_URL=URL,
             INCIDENTD_RABBITMQ_EXCHANGE=name, INCIDENTD_RABBITMQ_QUEUE=name,
@@ -282,8 +284,8 @@ async def run(side: str, bodies: list[bytes], round_: int) -> dict[str, float]:
             INCIDENTD_LOG_LEVEL="info", INCIDENTD_LOG_FORMAT="json",
         )  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
-        *argv, env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        limit=1 << 24,
+        *argv, env=env, cwd=ROOT if side == "A" else root, limit=1 << 24,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stderr is not None and proc.stdout is not None
     latencies: list[float] = []
@@ -295,12 +297,28 @@ async def run(side: str, bodies: list[bytes], round_: int) -> dict[str, float]:
                     line = await proc.stderr.readline()
                     if not line:
                         raise RuntimeError(f"side {side} exited:\n{b''.join(tail).decode()[-3000:]}")
-                    tail = (tail + [line])[-30:]
+                    tail = [*tail[-29:], line]
                     if b"consuming" in line:
                         break
-                if PROFILE and side == "B":  # sampled from outside for 20 s; its own CPU is not the worker's
-                    profile = [f"--pid={proc.pid}", "-r", "200", "-d", "20", "-f", "raw", "-o", f"{PROFILE}.{round_}"]
-                    await asyncio.create_subprocess_exec("py-spy", "record", *profile, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+                if PROFILE and side != "A":  # sampled from outside for 20 s; its own CPU is not the worker's
+                    profile = [
+                        f"--pid={proc.pid}",
+                        "-r",
+                        "200",
+                        "-d",
+                        "20",
+                        "-f",
+                        "raw",
+                        "-o",
+                        f"{PROFILE}.{round_}",
+                    ]
+                    await asyncio.create_subprocess_exec(
+                        "py-spy",
+                        "record",
+                        *profile,
+                        stdout=asyncio.subprocess.DEVNULL,
+                        stderr=asyncio.subprocess.DEVNULL,
+                    )
                 started, cpu0 = time.perf_counter(), proc_cpu(proc.pid)
                 await sampler.mark_start()
                 if side == "A":
@@ -313,7 +331,7 @@ async def run(side: str, bodies: list[bytes], round_: int) -> dict[str, float]:
                         line = await proc.stderr.readline()
                         if not line:
                             raise RuntimeError(f"worker exited:\n{b''.join(tail).decode()[-3000:]}")
-                        tail = (tail + [line])[-30:]
+                        tail = [*tail[-29:], line]
                         if b'"message.acked"' in line:
                             latencies.append(json.loads(line)["duration_ms"])
                         elif b'"level":"error"' in line or b'"message.retry"' in line:
@@ -343,7 +361,8 @@ async def run(side: str, bodies: list[bytes], round_: int) -> dict[str, float]:
         "backends": len(sampler.pids), "seconds": elapsed,
     }  # fmt: skip
     print(
-        f"  round {round_} {side}: {result['rate']:7,.0f} alerts/s  p50 {q[49]:6.1f} ms  p99 {q[98]:6.1f} ms  "
+        f"  round {round_} {side}: {result['rate']:7,.0f} alerts/s  "
+        f"p50 {q[49]:6.1f} ms  p99 {q[98]:6.1f} ms  "
         f"CPU {result['cpu_per_1k']:.3f} + server {result['server_per_1k']:.3f} s/1k alerts  "
         f"{rss:.1f} MB  lock wait {lock_wait:.2f} s  idle in pool {idle:.2f} s "
         f"({len(sampler.pids)} backends)",
@@ -359,21 +378,28 @@ async def _drain(stream: asyncio.StreamReader) -> None:
 
 def summarise(results: dict[str, list[dict[str, float]]], title: str) -> None:
     print(f"\n{title}")
-    print("| side | alerts/s | p50 / p99 ms per message | worker CPU s / 1k alerts | PostgreSQL CPU s / 1k alerts "
-          "| peak RSS MB | lock wait backend-s | idle in pool backend-s |")  # fmt: skip
+    header = ("| side | alerts/s | p50 / p99 ms per message | worker CPU s / 1k alerts | PostgreSQL CPU s "
+              "/ 1k alerts | peak RSS MB | lock wait backend-s | idle in pool backend-s |")  # fmt: skip
+    print(header)
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     medians: dict[str, dict[str, float]] = {}
-    for side, label in (("A", "A minimal aio-pika + asyncpg"), ("B", "B `app.py worker` (defaults)")):
+    labels = [("A", "A minimal aio-pika + asyncpg"), ("B", "B `app.py worker` (defaults)")]
+    labels += [("B0", "B0 `app.py worker`, baseline checkout")] if results.get("B0") else []
+    for side, label in labels:
         runs = results[side]
         m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         m["rss"] = max(r["rss"] for r in runs)
         medians[side] = m
-        print(f"| {label} | {m['rate']:,.0f} | {m['p50']:.1f} / {m['p99']:.1f} | {m['cpu_per_1k']:.3f} | "
-              f"{m['server_per_1k']:.3f} | {m['rss']:.1f} | {m['lock_wait']:.2f} | {m['idle']:.2f} |")  # fmt: skip
+        print(f"| {label} | {m['rate']:,.0f} | {m['p50']:.1f} / {m['p99']:.1f} | {m['cpu_per_1k']:.3f} "
+              f"| {m['server_per_1k']:.3f} | {m['rss']:.1f} | {m['lock_wait']:.2f} "
+              f"| {m['idle']:.2f} |")  # fmt: skip
     a, b = medians["A"], medians["B"]
     rounds = ", ".join(
         f"{rb['rate'] / ra['rate']:.2f}" for ra, rb in zip(results["A"], results["B"], strict=True)
     )
+    if "B0" in medians:
+        b0 = medians["B0"]
+        print(f"\nB0/A = {b0['rate'] / a['rate']:.2f} alerts/s (baseline)", end="")
     print(
         f"\nB/A = {b['rate'] / a['rate']:.2f} alerts/s (median of rounds; per round: {rounds})"
         f", {b['cpu_per_1k'] / a['cpu_per_1k']:.2f} worker CPU, "
@@ -388,9 +414,14 @@ async def parent(args: argparse.Namespace) -> None:
         f"load average at start {os.getloadavg()[0]:.1f}"
     )
     print(title, flush=True)
-    results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+    global BASELINE
+    BASELINE = args.baseline or ""
+    sides = [side for side in ("A", "B", "B0") if side in args.sides.split(",")]
+    if BASELINE and "B0" not in sides:
+        sides.append("B0")
+    results: dict[str, list[dict[str, float]]] = {side: [] for side in ("A", "B", "B0")}
     for round_ in range(1, args.rounds + 1):
-        for side in args.sides:
+        for side in sides:
             results[side].append(await run(side, bodies, round_))
     if results["A"] and results["B"]:
         summarise(results, f"{title}, load average at end {os.getloadavg()[0]:.1f}")
@@ -400,7 +431,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, default=2000, help="messages of 10 alerts per run")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--sides", default="AB", help="AB (default), or A or B alone")
+    parser.add_argument("--sides", default="A,B", help="A,B (default), or A or B alone")
+    parser.add_argument(
+        "--baseline", help="a checkout whose app.py worker also runs, as B0 (before a change)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--schema", help=argparse.SUPPRESS)
     parser.add_argument("--app-name", help=argparse.SUPPRESS)

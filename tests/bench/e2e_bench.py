@@ -45,6 +45,7 @@ TYPE = "alertmanager.webhook"
 PREFETCH = 128  # A: the worker's derived prefetch at its default concurrency (2 x 64)
 POOL = 10  # A: the worker's default pool size
 BASELINE = ""  # --baseline
+BASELINE_ENV = ""  # --baseline-env
 PROFILE = os.environ.get("E2E_BENCH_PROFILE", "")  # a file name prefix: py-spy raw profiles of B
 SAMPLE = 0.02  # seconds between pg_stat_activity samples
 T0 = datetime(2026, 11, 23, 10, tzinfo=UTC)
@@ -283,6 +284,8 @@ async def run(side: str, bodies: list[bytes], round_: int) -> dict[str, float]:
             INCIDENTD_POSTGRES_SCHEMA=schema, INCIDENTD_OPS_HOST="127.0.0.1", INCIDENTD_OPS_PORT="0",
             INCIDENTD_LOG_LEVEL="info", INCIDENTD_LOG_FORMAT="json",
         )  # fmt: skip
+        if side == "B0":  # --baseline-env: settings that only B0 runs with (a lever, measured against B)
+            env.update(item.partition("=")[::2] for item in BASELINE_ENV.split(",") if item)
     proc = await asyncio.create_subprocess_exec(
         *argv, env=env, cwd=ROOT if side == "A" else root, limit=1 << 24,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -414,8 +417,8 @@ async def parent(args: argparse.Namespace) -> None:
         f"load average at start {os.getloadavg()[0]:.1f}"
     )
     print(title, flush=True)
-    global BASELINE
-    BASELINE = args.baseline or ""
+    global BASELINE, BASELINE_ENV
+    BASELINE, BASELINE_ENV = args.baseline or "", args.baseline_env
     sides = [side for side in ("A", "B", "B0") if side in args.sides.split(",")]
     if BASELINE and "B0" not in sides:
         sides.append("B0")
@@ -435,6 +438,7 @@ def main() -> None:
     parser.add_argument(
         "--baseline", help="a checkout whose app.py worker also runs, as B0 (before a change)"
     )
+    parser.add_argument("--baseline-env", default="", help="KEY=VALUE,... set for B0 only, e.g. a setting")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--schema", help=argparse.SUPPRESS)
     parser.add_argument("--app-name", help=argparse.SUPPRESS)

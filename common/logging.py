@@ -17,8 +17,8 @@ import logging
 import sys
 import threading
 import time
-from datetime import UTC, datetime
 from collections.abc import Mapping, MutableMapping
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
@@ -136,16 +136,16 @@ class IsoClock:
 
     def __init__(self, clock: Any = time.time) -> None:
         self._clock = clock
-        self._second = -1
-        self._prefix = ""
+        self._cached = (-1, "")  # (second, its text): one tuple, so threads never see a torn pair
 
     def now(self) -> str:
         t = self._clock()
         second = int(t)
-        if second != self._second:
-            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-            self._second = second
-        return f"{self._prefix}.{int((t - second) * 1_000_000):06d}Z"
+        cached_second, prefix = self._cached
+        if second != cached_second:
+            prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._cached = (second, prefix)
+        return f"{prefix}.{int((t - second) * 1_000_000):06d}Z"
 
     def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
         event_dict["timestamp"] = self.now()
@@ -218,9 +218,8 @@ def configure_logging(
         limiter,
         clock,
     ]
-    own: list[Any] | None = (
-        None  # incidentd's own lines, when they have a cheaper chain than ``shared + tail``
-    )
+    # incidentd's own lines, when they have a cheaper chain than the standard library's ``shared + tail``
+    own: list[Any] | None = None
     if fmt == "console":
         tail: list[Any] = [redact_secrets, structlog.dev.ConsoleRenderer(colors=stream.isatty())]
         out: Any = structlog.PrintLogger(stream)

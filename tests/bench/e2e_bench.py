@@ -1,6 +1,11 @@
 """End to end: a prefilled RabbitMQ queue of Alertmanager batches drained into PostgreSQL.
 
-    python tests/bench/e2e_bench.py [--batches 2000] [--rounds 3]
+    python tests/bench/e2e_bench.py [--batches 2000] [--rounds 3] [--baseline CHECKOUT [--baseline-env K=V,...]]
+
+``--baseline``: a third side, B0, runs ``app.py worker`` from another checkout (main, before a change) in
+the same rounds; ``--baseline-env`` gives B0 settings of its own (``--baseline . --baseline-env
+INCIDENTD_CONCURRENCY=16`` measures a setting). ``E2E_BENCH_PROFILE=/tmp/prof`` samples each worker with
+py-spy (raw stacks, ``/tmp/prof.<round>``).
 
 (A) the floor of the work: a minimal correct consumer written here - plain aio-pika, prefetch 128, an
     asyncpg pool of 10; per message one transaction that records the message id (``ON CONFLICT DO

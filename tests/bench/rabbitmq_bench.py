@@ -1,6 +1,10 @@
 """RabbitMQ consumer benchmark: (A) plain aio-pika vs (B) the incidentd worker path.
 
-    python tests/bench/rabbitmq_bench.py [--messages 50000] [--rounds 3]
+    python tests/bench/rabbitmq_bench.py [--messages 50000] [--rounds 3] [--baseline CHECKOUT] [--callgrind]
+
+``--baseline``: B0, the B side run from another checkout (before a change), alternates with A and B.
+``--callgrind``: instead of seconds, the instructions each side executes per message while it consumes
+(valgrind, switched on when the child says it is consuming): a figure the machine's load does not move.
 
 Alternates A B A B A B. Before each run the parent fills a fresh quorum queue (declared by incidentd's
 topology) with N JSON messages of about 300 bytes; the run itself is a subprocess that only consumes, so

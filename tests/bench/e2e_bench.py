@@ -1,6 +1,6 @@
 """End to end: a prefilled RabbitMQ queue of Alertmanager batches drained into PostgreSQL.
 
-    python tests/bench/e2e_bench.py [--batches 2000] [--rounds 3] [--baseline CHECKOUT [--baseline-env K=V,...]]
+    python tests/bench/e2e_bench.py [--batches 2000] [--rounds 3] [--baseline DIR] [--baseline-env K=V,...]
 
 ``--baseline``: a third side, B0, runs ``app.py worker`` from another checkout (main, before a change) in
 the same rounds; ``--baseline-env`` gives B0 settings of its own (``--baseline . --baseline-env

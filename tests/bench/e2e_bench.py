@@ -267,6 +267,19 @@ class Sampler:
             self._task.cancel()
             self._task = None
 
+    async def hot_share(self, schema: str, table: str) -> float:
+        """The share of the table's row updates made in place (HOT: no index entry written), read once
+        the consumer has exited (a backend reports its statistics when it ends)."""
+        for _ in range(50):
+            row = await self._conn.fetchrow(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+                "WHERE schemaname = $1 AND relname = $2", schema, table,
+            )  # fmt: skip
+            if row and row[0]:
+                return float(row[1] / row[0])
+            await asyncio.sleep(0.1)
+        return 0.0
+
     def server_cpu(self) -> float:
         return sum(proc_cpu(pid) - self.start_cpu.get(pid, 0.0) for pid in self.pids)
 
@@ -356,6 +369,7 @@ async def run(side: str, bodies: list[bytes], round_: int) -> dict[str, float]:
             samples = max(1, sampler.samples)
             lock_wait = sampler.lock_samples / samples * elapsed
             idle = sampler.idle_samples / samples * elapsed
+            hot = await sampler.hot_share(schema, "alerts" if side == "A" else "incidents")
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -366,14 +380,14 @@ async def run(side: str, bodies: list[bytes], round_: int) -> dict[str, float]:
     result = {
         "rate": alerts / elapsed, "p50": q[49], "p99": q[98], "cpu_per_1k": cpu / alerts * 1000,
         "server_per_1k": server / alerts * 1000, "rss": rss, "lock_wait": lock_wait, "idle": idle,
-        "backends": len(sampler.pids), "seconds": elapsed,
+        "backends": len(sampler.pids), "seconds": elapsed, "hot": hot,
     }  # fmt: skip
     print(
         f"  round {round_} {side}: {result['rate']:7,.0f} alerts/s  "
         f"p50 {q[49]:6.1f} ms  p99 {q[98]:6.1f} ms  "
         f"CPU {result['cpu_per_1k']:.3f} + server {result['server_per_1k']:.3f} s/1k alerts  "
         f"{rss:.1f} MB  lock wait {lock_wait:.2f} s  idle in pool {idle:.2f} s "
-        f"({len(sampler.pids)} backends)",
+        f"({len(sampler.pids)} backends, {hot:.0%} of row updates HOT)",
         flush=True,
     )
     return result

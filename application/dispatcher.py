@@ -163,8 +163,10 @@ class Dispatcher:
         ``max_attempts``."""
         message = delivery.message
         started = time.perf_counter()
-        structlog.contextvars.bind_contextvars(message_id=message.message_id, attempt=message.attempt)
+        task = asyncio.current_task()
+        assert task is not None
         command_type = "unknown"
+        bound = False  # the log context: bound once per message, in one call (it is on the hot path)
         try:
             if message.defect:
                 raise DecodeError(message.defect)
@@ -175,21 +177,27 @@ class Dispatcher:
             except Exception as exc:  # a decoder bug or an input it did not expect: the message is bad
                 raise DecodeError(f"{type(exc).__name__}: {exc}") from exc
             command_type = command.TYPE
+            structlog.contextvars.bind_contextvars(
+                message_id=message.message_id, attempt=message.attempt, command_type=command_type
+            )
+            bound = True
             self._received(message, command_type)
-            structlog.contextvars.bind_contextvars(command_type=command_type)
-            outcome = await self._run(command, message)
+            outcome = await self._run(command, message, task)
         except DecodeError as exc:
+            bound = bound or _bind_message(message)
             self._received(message, command_type)
             outcome = Outcome.dead_letter(f"undecodable message: {exc}", error="DecodeError")
         except asyncio.CancelledError:
+            bound = bound or _bind_message(message)
             outcome = Outcome.retry(0.0, "cancelled at shutdown before the handler finished")
-            await self._finish(delivery, outcome, command_type, started)
+            await self._finish(delivery, outcome, command_type, started, task)
             raise
         except Exception as exc:  # outside the handlers (their errors are outcomes already): a bug here
+            bound = bound or _bind_message(message)
             log.exception("message.unexpected_error")
             error = type(exc).__name__
             outcome = self._transient(message.attempt, f"{error}: {exc}", error, None)
-        await self._finish(delivery, outcome, command_type, started)
+        await self._finish(delivery, outcome, command_type, started, task)
 
     def _received(self, message: Message, command_type: str) -> None:
         for receiver in self._receivers:
@@ -198,11 +206,9 @@ class Dispatcher:
             except Exception:  # a metric must never change what happens to the message
                 log.exception("message.receiver_failed")
 
-    async def _run(self, command: Command, message: Message) -> Outcome:
+    async def _run(self, command: Command, message: Message, task: asyncio.Task[Any]) -> Outcome:
         if self._draining:
             return Outcome.retry(0.0, "worker is shutting down; not started")
-        task = asyncio.current_task()
-        assert task is not None
         self._waiting.add(task)
         try:
             await self._slots.acquire()
@@ -266,12 +272,12 @@ class Dispatcher:
         delay = retry_delay(max(self._retry.redelivery_delay(attempt), retry_after or 0.0))
         return Outcome.retry(delay, error, error=error_type)
 
-    async def _finish(self, delivery: Delivery, outcome: Outcome, command_type: str, started: float) -> None:
+    async def _finish(
+        self, delivery: Delivery, outcome: Outcome, command_type: str, started: float, task: asyncio.Task[Any]
+    ) -> None:
         """Settle, and never abandon a settle half-way: :meth:`drain` (the only one that cancels these
         tasks) does not cancel a task that is settling, it waits for it. This protects the settle like
         ``asyncio.shield`` would, without a second task per message."""
-        task = asyncio.current_task()
-        assert task is not None
         self._settling.add(task)
         try:
             await self._settle(delivery, outcome, command_type, started)
@@ -301,6 +307,12 @@ async def _run_all(handlers: Sequence[BoundHandler], command: Command, context: 
     context.changes.clear()  # a retried pass records them again (its store handler finds its key processed)
     for handler in handlers:
         await handler(command, context)
+
+
+def _bind_message(message: Message) -> bool:
+    """The log context of a message that failed before (or while) its command type was known."""
+    structlog.contextvars.bind_contextvars(message_id=message.message_id, attempt=message.attempt)
+    return True
 
 
 def _log_outcome(outcome: Outcome, duration_ms: float) -> None:

@@ -114,10 +114,13 @@ class Container(containers.DeclarativeContainer):
     retry = providers.Factory(RetryPolicy, max_attempts=settings.provided.max_attempts,
                               backoff=providers.Callable(tuple, settings.provided.retry_backoff),
                               in_process_attempts=settings.provided.in_process_attempts)  # fmt: skip
+    # Run once a message's transaction committed: the follow-ups of the incidents it changed.
+    after_commit = providers.Callable(
+        bind_all, providers.Callable(after_commit_steps, settings.provided.ai_enabled), handler_dependencies
+    )
     dispatcher = providers.Singleton(
         Dispatcher, command_factory, providers.Callable(bind, handlers, handler_dependencies),
-        after_commit=providers.Callable(bind_all, providers.Callable(after_commit_steps, settings.provided.ai_enabled),
-                                        handler_dependencies),
+        after_commit=after_commit,
         concurrency=settings.provided.concurrency, timeout=settings.provided.command_timeout,
         timeouts=settings.provided.command_timeouts, retry=retry, observers=outcome_observers,
         receivers=receivers,

@@ -19,16 +19,17 @@ async def alertmanager_webhook(
     A firing alert is what action rules answer (``"opened"``: only if this message opened the incident)."""
     alerts = [(_alert_key(a), a, {**cmd.common_labels, **a.labels}) for a in cmd.alerts]
     keys = [key for key, _, _ in alerts]
-    scopes = LockedIncidents.scopes(_scope(labels, policy) for _, _, labels in alerts)
     changes = [
         ChangedIncident(key, trigger="opened" if alert.status == "firing" else "", labels=labels)
         for key, alert, labels in alerts
     ]
-    async with message_transaction(store, ctx, changes, keys, scopes) as tx:
+    async with message_transaction(store, ctx, changes, keys) as tx:
         if tx.already_processed:
             return
         incidents = LockedIncidents(tx, ctx, policy)
-        await incidents.load(keys, scopes)
+        await incidents.load(keys)
+        # Correlation scopes are locked (in one statement, after the keys) only where an incident opens.
+        incidents.correlate_in(_opening_scopes(alerts, incidents, policy))
         for key, alert, labels in alerts:
             fields = _alert_fields(cmd, alert, labels, policy)
             if alert.status == "firing":
@@ -56,6 +57,25 @@ async def enrich_from_cluster(
             targets[_alert_key(alert)] = workload
     if targets:
         await enrich(targets, ctx, store, cluster)
+
+
+def _opening_scopes(
+    alerts: list[tuple[str, Alert, dict[str, str]]], incidents: LockedIncidents, policy: IncidentPolicy
+) -> list[tuple[str, str]]:
+    """The scopes in which this batch may open an incident: those of its firing alerts whose key has no
+    incident or one that this firing succeeds (a key named twice in the batch counts as opening). Locking
+    only these, not every scope of the batch, is what keeps batches of different services apart."""
+    counts: dict[str, int] = {}
+    for key, _, _ in alerts:
+        counts[key] = counts.get(key, 0) + 1
+    opening = []
+    for key, alert, labels in alerts:
+        if alert.status != "firing":
+            continue
+        current = incidents.latest.get(key)
+        if counts[key] > 1 or current is None or current.starts_new_episode(alert.starts_at):
+            opening.append(_scope(labels, policy))
+    return LockedIncidents.scopes(opening)
 
 
 def _alert_key(alert: Alert) -> str:

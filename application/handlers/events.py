@@ -61,6 +61,10 @@ class LockedIncidents:
         self._scopes = LockedIncidents.scopes(scopes)
         self.latest = await self._tx.latest(dedup_keys)
 
+    def correlate_in(self, scopes: Collection[tuple[str, str]]) -> None:
+        """Narrow the scopes locked and read at the first opening to these (every opening's scope)."""
+        self._scopes = LockedIncidents.scopes(scopes)
+
     @staticmethod
     def scopes(scopes: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
         """The scopes :meth:`load` would lock (incidents without a service are not correlated), for

@@ -74,9 +74,10 @@ _PRUNE_PROCESSED = """
 DELETE FROM processed_messages WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM processed_messages WHERE processed_at < $1 ORDER BY processed_at LIMIT $2))
 """
+# resolved_last_event_at: last_event_at of a resolved incident, NULL while it is open (migration 0007).
 _RESOLVED_BEFORE = """
 SELECT id, dedup_key, created_at, doc::text FROM incidents
-WHERE status = 'resolved' AND last_event_at < $1 ORDER BY last_event_at, seq LIMIT $2
+WHERE resolved_last_event_at < $1 ORDER BY resolved_last_event_at, seq LIMIT $2
 """
 # Deletes an archived incident only if it is still exactly what was archived (``json`` keeps the text
 # as written); one changed since is kept, and archived again on the next run.

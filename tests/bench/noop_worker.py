@@ -71,12 +71,15 @@ def run_child(side: str, argv: list[str], timeout: float) -> dict[str, float]:
     return result
 
 
-def alternate(rounds: int, run: Callable[[str], dict[str, float]]) -> dict[str, list[dict[str, float]]]:
-    """A B A B ...: ``rounds`` runs of each side, alternating, so both see the same machine."""
-    results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+def alternate(
+    rounds: int, run: Callable[[str], dict[str, float]], sides: tuple[str, ...] = ("A", "B")
+) -> dict[str, list[dict[str, float]]]:
+    """A B A B ...: ``rounds`` runs of each side, alternating, so both see the same machine (``B0``, when
+    asked for: B's code from another checkout, e.g. before a change)."""
+    results: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
     for round_ in range(1, rounds + 1):
         print(f"round {round_}", flush=True)
-        for side in ("A", "B"):
+        for side in sides:
             results[side].append(run(side))
     return results
 
@@ -87,7 +90,10 @@ def summarise(results: dict[str, list[dict[str, float]]], title: str, label_a: s
     print("| side | msgs/s (median) | CPU s / 10k (median) | peak RSS MB (max) |")
     print("| --- | ---: | ---: | ---: |")
     medians: dict[str, tuple[float, float, float]] = {}
-    for side, label in (("A", label_a), ("B", "B incidentd worker")):
+    labels = [("A", label_a), ("B", "B incidentd worker")] + [("B0", "B0 incidentd, baseline")] * (
+        "B0" in results
+    )
+    for side, label in labels:
         rate = statistics.median(r["rate"] for r in results[side])
         cpu = statistics.median(r["cpu_per_10k"] for r in results[side])
         rss = max(r["rss_mb"] for r in results[side])
@@ -95,3 +101,10 @@ def summarise(results: dict[str, list[dict[str, float]]], title: str, label_a: s
         print(f"| {label} | {rate:,.0f} | {cpu:.2f} | {rss:.1f} |")
     (ra, ca, ma), (rb, cb, mb) = medians["A"], medians["B"]
     print(f"\nB/A = {rb / ra:.2f} msgs/s, {cb / ca:.2f} CPU, {mb / ma:.2f} RSS")
+    per_round = ", ".join(
+        f"{b['rate'] / a['rate']:.2f}" for a, b in zip(results["A"], results["B"], strict=True)
+    )
+    print(f"B/A msgs/s per round: {per_round}")
+    if "B0" in medians:
+        r0, c0, m0 = medians["B0"]
+        print(f"B0/A = {r0 / ra:.2f} msgs/s, {c0 / ca:.2f} CPU, {m0 / ma:.2f} RSS (baseline)")

@@ -1,6 +1,10 @@
 """RabbitMQ consumer benchmark: (A) plain aio-pika vs (B) the incidentd worker path.
 
-    python tests/bench/rabbitmq_bench.py [--messages 50000] [--rounds 3]
+    python tests/bench/rabbitmq_bench.py [--messages 50000] [--rounds 3] [--baseline CHECKOUT] [--callgrind]
+
+``--baseline``: B0, the B side run from another checkout (before a change), alternates with A and B.
+``--callgrind``: instead of seconds, the instructions each side executes per message while it consumes
+(valgrind, switched on when the child says it is consuming): a figure the machine's load does not move.
 
 Alternates A B A B A B. Before each run the parent fills a fresh quorum queue (declared by incidentd's
 topology) with N JSON messages of about 300 bytes; the run itself is a subprocess that only consumes, so
@@ -22,15 +26,20 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
+import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+# The code under test; B0 (--baseline) runs this script with BENCH_ROOT set to another checkout.
+ROOT = Path(os.environ.get("BENCH_ROOT") or Path(__file__).resolve().parents[2])
 sys.path.insert(0, str(ROOT))
 URL = os.environ.get("INCIDENTD_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PREFETCH = 256
+BASELINE = ""  # --baseline
+CALLGRIND = False  # --callgrind
 
 from tests.bench.noop_worker import TYPE, alternate, noop_dispatcher, report, run_child, summarise  # noqa: E402
 
@@ -96,6 +105,7 @@ async def side_a(queue_name: str, count: int) -> tuple[float, float]:
                 done.set()
 
         started, cpu = time.perf_counter(), time.process_time()
+        print("consuming", file=sys.stderr, flush=True)
         await queue.consume(on_message)
         await done.wait()
         return time.perf_counter() - started, time.process_time() - cpu
@@ -121,6 +131,7 @@ async def side_b(queue_name: str, count: int, log_level: str) -> tuple[float, fl
     dispatcher = noop_dispatcher(128, log_level, observe)
     async with open_broker(settings) as broker:
         started, cpu = time.perf_counter(), time.process_time()
+        print("consuming", file=sys.stderr, flush=True)
         await run_worker(broker.subscriber, dispatcher, stop=stop, shutdown_timeout=10)
         return time.perf_counter() - started, time.process_time() - cpu
 
@@ -137,12 +148,39 @@ def child(side: str, queue_name: str, count: int, log_level: str) -> None:
 # --- the parent -----------------------------------------------------------------------------------------
 
 
+def instructions(argv: list[str]) -> int:
+    """Instructions the child executes while it consumes (callgrind, switched on when the child says it
+    is consuming): a count the machine's other load does not change, unlike seconds."""
+    out = f"/tmp/rabbitmq-bench-callgrind.{uuid.uuid4().hex[:8]}"
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    proc = subprocess.Popen(
+        [*valgrind, sys.executable, *argv], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if b"consuming" in line:
+            subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], capture_output=True, check=True)
+            break
+    proc.stderr.read()
+    if proc.wait():
+        sys.exit(f"callgrind run failed: {argv}")
+    with open(out) as dump:
+        total = next(int(line.split()[1]) for line in dump if line.startswith("summary:"))
+    os.unlink(out)
+    return total
+
+
 def run(side: str, count: int, log_level: str) -> dict[str, float]:
     queue_name = f"incidentd-bench-{uuid.uuid4().hex[:8]}"
     asyncio.run(fill(queue_name, count))
     try:
-        argv = [__file__, "--child", side, "--queue", queue_name, "--messages", str(count),
+        os.environ["BENCH_ROOT"] = BASELINE if side == "B0" else ""
+        argv = [__file__, "--child", side[0], "--queue", queue_name, "--messages", str(count),
                 "--log-level", log_level]  # fmt: skip
+        if CALLGRIND:
+            count_ = instructions(argv)
+            print(f"  {side}: {count_ / count:,.0f} instructions per message", flush=True)
+            return {"rate": 0.0, "cpu_per_10k": 0.0, "rss_mb": 0.0, "instructions": count_ / count}
         return run_child(side, argv, timeout=600)
     finally:
         asyncio.run(drop(queue_name))
@@ -153,16 +191,27 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--baseline", help="a checkout whose B side also runs, as B0 (before a change)")
+    parser.add_argument("--callgrind", action="store_true", help="instructions per message (slow; valgrind)")
     parser.add_argument("--child")
     parser.add_argument("--queue")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.queue, args.messages, args.log_level)
         return
-    results = alternate(args.rounds, lambda side: run(side, args.messages, args.log_level))
+    global BASELINE, CALLGRIND
+    BASELINE, CALLGRIND = args.baseline or "", args.callgrind
+    sides = ("A", "B", "B0") if BASELINE else ("A", "B")
+    results = alternate(args.rounds, lambda side: run(side, args.messages, args.log_level), sides)
     title = (
         f"{args.messages} messages x {args.rounds} rounds, prefetch {PREFETCH}, B logs at {args.log_level}"
     )
+    if CALLGRIND:
+        per = {side: statistics.median(r["instructions"] for r in runs) for side, runs in results.items()}
+        print(f"\n{title}: instructions per message (callgrind, median)")
+        for side, n in per.items():
+            print(f"  {side}: {n:,.0f}  ({n / per['A']:.2f} x A)")
+        return
     summarise(results, title, "A plain aio-pika")
 
 

@@ -310,6 +310,7 @@ class TestPostgresStore(StoreContract):
                 "0004_doc_as_json",
                 "0005_retention",
                 "0006_incident_pages",
+                "0007_hot_occurrences",
             ]
         finally:
             await drop_schema(pg_schema)

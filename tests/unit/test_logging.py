@@ -14,7 +14,7 @@ import pytest
 import structlog
 
 from application.messages import Outcome
-from common.logging import RepeatLimiter, configure_logging
+from common.logging import IsoClock, RepeatLimiter, configure_logging
 from common.redact import redact, register_secret
 
 
@@ -173,3 +173,22 @@ def test_a_logger_cached_before_logging_is_configured_again_runs_the_new_process
         log.info("second")
     assert [entry["event"] for entry in captured] == ["second"]
     assert [line["event"] for line in stderr.lines()] == ["first"]
+
+
+def test_timestamps_are_iso_utc_with_microseconds_across_second_boundaries(stderr: Stderr) -> None:
+    """Every line's timestamp reads as structlog's ISO UTC stamps did (``...T11:20:59.250000Z``), also
+    when consecutive lines fall in different seconds (the text of a second is reused within it)."""
+    from datetime import UTC, datetime
+
+    times = iter([1_795_000_859.25, 1_795_000_859.75, 1_795_000_860.125, 1_795_000_860.5])
+    clock = IsoClock(lambda: next(times))
+    stamps = [clock.now() for _ in range(4)]
+    assert stamps == [
+        "2026-11-18T11:20:59.250000Z", "2026-11-18T11:20:59.750000Z",
+        "2026-11-18T11:21:00.125000Z", "2026-11-18T11:21:00.500000Z",
+    ]  # fmt: skip
+    structlog.get_logger("incidentd.test").info("message.acked", duration_ms=1.5)
+    [line] = stderr.lines()
+    written = datetime.strptime(line["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - written).total_seconds()) < 60
+    assert line["level"] == "info" and line["event"] == "message.acked" and line["duration_ms"] == 1.5

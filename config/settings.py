@@ -386,12 +386,17 @@ class Settings(BaseSettings):
     http_auth: Literal["tokens", "none"] = "tokens"
     # 5 MiB holds an Alertmanager batch of 1,000 alerts (~1.5 KB each) and stays under Pub/Sub's 10 MB.
     http_max_body_bytes: int = Field(default=5 * 1024 * 1024, ge=1024, le=9 * 1024 * 1024)
-    http_read_timeout: float = Field(default=10.0, gt=0)  # seconds to receive a request's body
+    # Seconds to receive a request's headers (else the connection is closed) and, again, its body (408).
+    http_read_timeout: float = Field(default=10.0, gt=0)
     # Seconds to wait for the broker's confirm before answering 503 (the sender retries).
     http_publish_timeout: float = Field(default=10.0, gt=0)
     http_retry_after: int = Field(default=5, ge=1, le=3600)  # the Retry-After of a 503, in seconds
     http_rate_limit: float = Field(default=100.0, ge=0)  # requests per second per token (0: no limit)
     http_rate_burst: int = Field(default=500, ge=1)  # requests a token may send at once
+    # Failed authentications per peer address: this many at once, then one per 1/rate seconds; past
+    # that, 429 with Retry-After (the token is not even checked). Rate 0: no limit.
+    http_auth_failure_burst: int = Field(default=10, ge=1)
+    http_auth_failure_rate: float = Field(default=0.2, ge=0)
     http_tokens_reload_interval: float = Field(default=5.0, gt=0)  # seconds between checks of the file
     # The dashboard (`serve`, `run`; docs/api.md) reloads its data this often, in seconds (0: never).
     http_dashboard_refresh: int = Field(default=15, ge=0, le=3600)

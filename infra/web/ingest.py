@@ -88,7 +88,8 @@ async def ingest(request: web.Request, type_name: str, *, actor: bool = False) -
     request[MESSAGE_ID] = message_id
     attributes = {TYPE_ATTR: type_name, SENDER_ATTR: principal(request).name}
     await publish(request, deps, body, attributes, message_id)
-    return web.json_response({"status": "accepted", "type": type_name, "message_id": message_id}, status=202)
+    answer = orjson.dumps({"status": "accepted", "type": type_name, "message_id": message_id})
+    return web.Response(body=answer, status=202, content_type="application/json")
 
 
 def as_actor(body: bytes, name: str) -> bytes:

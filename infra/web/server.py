@@ -92,23 +92,28 @@ class _HeaderDeadline(web.RequestHandler):
     by its keep-alive timeout; headers that trickle in a byte at a time (slowloris) would hold the
     connection and its buffers for as long as the client likes. Here the first byte of a request starts
     a timer of ``header_timeout`` seconds; the complete headers stop it; if it fires first, the
-    connection gets a 408 and is closed. Relies on aiohttp's ``_request_count`` (requests whose headers
-    were parsed), ``_messages`` and ``_request_in_progress``; tests/ingest/test_http.py proves it."""
+    connection gets a 408 and is closed. Bytes that finish the previous request's body (one a handler
+    answered without reading it all) are not a new request: no timer then. Relies on aiohttp's
+    ``_request_count`` (requests whose headers were parsed), ``_messages`` and ``_request_in_progress``;
+    tests/ingest/test_abuse.py proves it."""
 
-    __slots__ = ("_deadline", "_header_timeout", "_on_timeout")
+    __slots__ = ("_body", "_deadline", "_header_timeout", "_on_timeout")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, on_timeout: Callable[[], None],
                  **kwargs: Any) -> None:  # fmt: skip
         super().__init__(manager, **kwargs)
         self._header_timeout, self._on_timeout = header_timeout, on_timeout
         self._deadline: asyncio.TimerHandle | None = None
+        self._body: Any = None  # the body (a StreamReader) of the last request whose headers arrived
 
     def data_received(self, data: bytes) -> None:
+        in_body = self._body is not None and not self._body.is_eof()  # these bytes continue a body
         parsed = self._request_count
         super().data_received(data)
         if self._request_count != parsed:  # a request's headers arrived whole
             self._stop_deadline()
-        elif self._deadline is None and not self._request_in_progress and not self._messages:
+            self._body = self._messages[-1][1] if self._messages else None
+        elif data and self._deadline is None and not in_body:  # aiohttp calls it with b"" too
             self._deadline = self._loop.call_later(self._header_timeout, self._headers_too_late)
 
     def _stop_deadline(self) -> None:
@@ -119,7 +124,10 @@ class _HeaderDeadline(web.RequestHandler):
     def _headers_too_late(self) -> None:
         self._deadline = None
         transport = self.transport
-        if self._request_in_progress or self._messages or transport is None:
+        if transport is None:
+            return
+        if self._request_in_progress or self._messages:  # pipelined behind a request: wait for its answer
+            self._deadline = self._loop.call_later(self._header_timeout, self._headers_too_late)
             return
         self._on_timeout()
         transport.write(_HEADER_TIMEOUT_ANSWER)

@@ -83,6 +83,44 @@ async def test_headers_sent_byte_by_byte_lose_the_connection_after_the_read_time
     assert len(await broker.published()) == 1
 
 
+async def test_an_idle_keep_alive_connection_is_not_cut_by_the_header_deadline(
+    broker: BrokerUnderTest, tokens_file: Path
+) -> None:
+    """The header deadline is about headers only: a request answered 401 before its body was read, whose
+    body's rest arrives afterwards, leaves a keep-alive connection that stays usable past the read
+    timeout; the next request on it is served (202)."""
+    async with listening(broker, tokens_file, http_read_timeout=1.0) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+        def head(token: str) -> bytes:
+            return (
+                f"POST /v1/alertmanager HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n"
+            ).encode()
+
+        async def answer() -> bytes:
+            status = await asyncio.wait_for(reader.readline(), 30)
+            length = 0
+            while (line := await asyncio.wait_for(reader.readline(), 30)) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            return status
+
+        half = len(BODY) // 2
+        writer.write(head("wrong-token-0123456789abcdef") + BODY[:half])
+        await writer.drain()
+        assert (await answer()).split()[1] == b"401"
+        writer.write(BODY[half:])
+        await writer.drain()
+        await asyncio.sleep(2.5)  # idle, well past the read timeout
+        writer.write(head(TOKEN) + BODY)
+        await writer.drain()
+        assert (await answer()).split()[1] == b"202"
+        writer.close()
+    assert len(await broker.published()) == 1
+
+
 async def test_repeated_failed_logins_from_one_address_are_answered_429(
     broker: BrokerUnderTest, tokens_file: Path
 ) -> None:

@@ -569,13 +569,27 @@ class Settings(BaseSettings):
         description="Larger bodies get 413; the default holds a 1,000-alert Alertmanager batch and stays "
         "under Pub/Sub's 10 MB.",
     )
-    http_read_timeout: float = Field(10.0, gt=0, description="Seconds to receive a request's body (408).")
+    http_read_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds to receive a request's headers (else the connection is closed) and, "
+        "again, its body (408).",
+    )
     http_publish_timeout: float = Field(
         10.0, gt=0, description="Seconds to wait for the broker's confirm before answering 503."
     )
     http_retry_after: int = Field(5, ge=1, le=3600, description="The `Retry-After` of a 503, in seconds.")
     http_rate_limit: float = Field(100.0, ge=0, description="Requests per second per token (`0`: no limit).")
     http_rate_burst: int = Field(500, ge=1, description="Requests a token may send at once.")
+    http_auth_failure_burst: int = Field(
+        10,
+        ge=1,
+        description="Failed authentications a peer address may have at once; past them (and the "
+        "refill), 429 with `Retry-After`, the token not even checked.",
+    )
+    http_auth_failure_rate: float = Field(
+        0.2, ge=0, description="Failed authentications per second refilled per peer address (`0`: no limit)."
+    )
     http_tokens_reload_interval: float = Field(
         5.0, gt=0, description="Seconds between checks of the tokens file."
     )

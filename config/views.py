@@ -186,6 +186,8 @@ class HttpSettings:
     retry_after: int
     rate_limit: float
     rate_burst: int
+    auth_failure_burst: int
+    auth_failure_rate: float
     tokens_reload_interval: float
     dashboard_refresh: int
 

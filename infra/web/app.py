@@ -1,10 +1,10 @@
 """The one aiohttp application of a process: :func:`make_app` builds it from :class:`HttpDeps`.
 
 Each area adds its ``web.RouteTableDef`` here (``ingest`` now; the incident API and the pages later);
-every route declares the role it needs with :func:`requires`. Two middlewares wrap every request:
-``answer`` turns every error into ``application/problem+json`` (RFC 9457, a stable ``type`` per reason),
-counts and logs the answer; ``authorize`` checks the token, the role and the caller's rate limit before
-a handler runs.
+every route declares the role it needs with :func:`requires`. One middleware wraps every
+request: ``answer`` checks the token, the role and the caller's rate limit (:func:`authorize`) before a
+handler runs, turns every error into ``application/problem+json`` (RFC 9457, a stable ``type`` per
+reason), counts and logs the answer.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import structlog
 from aiohttp import web
 
 from application.factory import CommandFactory
 from application.ports import IncidentReader, Publisher
-from infra.web.auth import ANONYMOUS, Principal, RateLimiter, Tokens, retry_after
+from infra.web.auth import ANONYMOUS, FailureLimiter, Principal, RateLimiter, Tokens, retry_after
 from infra.web.metrics import HttpMetrics
 
 log = structlog.get_logger("incidentd.http")
@@ -45,6 +45,7 @@ TITLES = {
     "unknown-incident": "No such incident",
     "csrf": "The form did not come from this site",
 }
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="incidentd", Basic realm="incidentd"'}
 _HTTP_KINDS = {404: "not-found", 405: "method-not-allowed", 413: "too-large", 408: "read-timeout"}
 ROLE_ATTR = "incidentd_role"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -60,6 +61,9 @@ class HttpDeps:
     metrics: HttpMetrics
     tokens: Tokens | None
     limiter: RateLimiter
+    # Failed authentications per peer address (429 once its bucket is empty); the default: 10 at once,
+    # then one every 5 s.
+    failures: FailureLimiter = field(default_factory=lambda: FailureLimiter(0.2, 10))
     max_body_bytes: int = 5 * 1024 * 1024
     read_timeout: float = 10.0
     publish_timeout: float = 10.0
@@ -118,10 +122,13 @@ def endpoint(request: web.Request) -> str:
 
 @web.middleware
 async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one middleware: authorize, run the handler, render any error as problem+json, count and log
+    the answer (one line). One middleware, not two: each layer costs a call and a frame per request."""
     deps = request.app[DEPS]
     started = time.perf_counter()
     problem: Problem | None = None
     try:
+        authorize(request, deps)
         response = await handler(request)
     except Problem as exc:
         problem = exc
@@ -138,29 +145,29 @@ async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = problem.response(request.path)
         deps.metrics.reject(problem.kind)
     name = endpoint(request)
-    deps.metrics.answered(name, response.status)
-    fields: dict[str, Any] = {"endpoint": name, "status": response.status, "sender": principal(request).name,
-                              "ms": round((time.perf_counter() - started) * 1000, 1)}  # fmt: skip
+    status = response.status
+    deps.metrics.answered(name, status)
+    caller = request.get(PRINCIPAL)
+    sender = caller.name if caller is not None else ANONYMOUS.name
+    ms = round((time.perf_counter() - started) * 1000, 1)
     if problem is not None:
-        log.info("http.rejected", reason=problem.kind, detail=problem.detail, **fields)
+        log.info("http.rejected", reason=problem.kind, detail=problem.detail, endpoint=name, status=status,
+                 sender=sender, ms=ms)  # fmt: skip
     else:
-        log.info("http.answered", message_id=request.get(MESSAGE_ID, ""), **fields)
+        log.info("http.answered", message_id=request.get(MESSAGE_ID, ""), endpoint=name, status=status,
+                 sender=sender, ms=ms)  # fmt: skip
     return response
 
 
-@web.middleware
-async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
+def authorize(request: web.Request, deps: HttpDeps) -> None:
+    """Token, role, then the caller's rate limit; raises the Problem that answers otherwise.
+
+    A peer whose wrong tokens emptied its failure bucket gets 429 before any token is checked, so
+    guessing slows to the bucket's rate whatever it guesses (the right token included)."""
     role = getattr(request.match_info.handler, ROLE_ATTR, None)
     if role is None:  # no route matched: 404 / 405, nothing to protect
-        return await handler(request)
-    deps = request.app[DEPS]
-    header = request.headers.get("Authorization")
-    caller = ANONYMOUS if deps.tokens is None else deps.tokens.authenticate(header)
-    if caller is None:
-        raise Problem(
-            401, "unauthorized", "a valid token is required",
-            {"WWW-Authenticate": 'Bearer realm="incidentd", Basic realm="incidentd"'},
-        )  # fmt: skip
+        return
+    caller = ANONYMOUS if deps.tokens is None else _authenticate(request, deps.tokens, deps.failures)
     request[PRINCIPAL] = caller
     if role not in caller.roles:
         raise Problem(403, "forbidden", f"the token {caller.name!r} lacks the role {role!r}")
@@ -170,7 +177,21 @@ async def authorize(request: web.Request, handler: Handler) -> web.StreamRespons
             429, "rate-limited", f"over {deps.limiter.rate:g} requests/s for {caller.name!r}",
             {"Retry-After": retry_after(wait)},
         )  # fmt: skip
-    return await handler(request)
+
+
+def _authenticate(request: web.Request, tokens: Tokens, failures: FailureLimiter) -> Principal:
+    peer = request.remote or ""
+    wait = failures.blocked(peer)
+    if wait > 0:
+        raise Problem(
+            429, "rate-limited", "too many failed authentications from this address",
+            {"Retry-After": retry_after(wait)},
+        )  # fmt: skip
+    caller = tokens.authenticate(request.headers.get("Authorization"))
+    if caller is None:
+        failures.failed(peer)
+        raise Problem(401, "unauthorized", "a valid token is required", _CHALLENGE)
+    return caller
 
 
 async def _watch_tokens(app: web.Application) -> AsyncIterator[None]:
@@ -189,7 +210,7 @@ def make_app(deps: HttpDeps) -> web.Application:
     """The application: ingest routes (``/v1/...``); the body limit is ``deps.max_body_bytes``."""
     from infra.web import ingest
 
-    app = web.Application(middlewares=[answer, authorize], client_max_size=deps.max_body_bytes)
+    app = web.Application(middlewares=[answer], client_max_size=deps.max_body_bytes)
     app[DEPS] = deps
     app.add_routes(ingest.routes)
     if deps.store is not None:

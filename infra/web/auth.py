@@ -190,6 +190,43 @@ class RateLimiter:
         return (1.0 - level) / self.rate
 
 
+class FailureLimiter:
+    """Failed authentications per peer address: a bucket of ``burst`` failures refilled at ``rate`` per
+    second. While a peer's bucket is empty it is :meth:`blocked` (answered 429 before any token is
+    checked), so a guesser learns nothing more, and learns it slowly. ``rate`` 0 disables the limit.
+
+    At most ``max_peers`` addresses are remembered; past that, the ones whose bucket has refilled are
+    forgotten (they are indistinguishable from new ones), so a spray of addresses cannot grow it."""
+
+    def __init__(self, rate: float, burst: int, max_peers: int = 10_000) -> None:
+        self.rate, self.burst, self._max_peers = rate, float(burst), max_peers
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def _level(self, peer: str, now: float) -> float:
+        level, since = self._buckets.get(peer, (self.burst, now))
+        return min(self.burst, level + (now - since) * self.rate)
+
+    def blocked(self, peer: str) -> float:
+        """0 when ``peer`` may try; else the seconds until it may try again."""
+        if self.rate <= 0 or peer not in self._buckets:
+            return 0.0
+        level = self._level(peer, time.monotonic())
+        return 0.0 if level >= 1.0 else (1.0 - level) / self.rate
+
+    def failed(self, peer: str) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        if peer not in self._buckets and len(self._buckets) >= self._max_peers:
+            self._forget_refilled(now)
+        self._buckets[peer] = (max(0.0, self._level(peer, now) - 1.0), now)
+
+    def _forget_refilled(self, now: float) -> None:
+        full = [p for p in self._buckets if self._level(p, now) >= self.burst]
+        for peer in full or list(self._buckets)[: len(self._buckets) // 2]:
+            del self._buckets[peer]
+
+
 def retry_after(seconds: float) -> str:
     """A Retry-After value (whole seconds, at least 1)."""
     return str(max(1, math.ceil(seconds)))

@@ -9,18 +9,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from aiohttp import web
 
 from application.factory import CommandFactory
 from application.ports import Broker
-from infra.web.app import HttpDeps
-from infra.web.auth import RateLimiter, Tokens, TokensError
+from infra.web.app import DEPS, HttpDeps
+from infra.web.auth import FailureLimiter, RateLimiter, Tokens, TokensError
 from infra.web.metrics import HttpMetrics
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from config.settings import Settings
+
+
+log = structlog.get_logger("incidentd.http")
 
 
 class RefusedToStart(Exception):
@@ -72,6 +76,7 @@ def build_deps(settings: Settings, broker: Broker, registry: CollectorRegistry, 
         metrics=HttpMetrics(registry),
         tokens=tokens,
         limiter=RateLimiter(settings.http_rate_limit, settings.http_rate_burst),
+        failures=FailureLimiter(settings.http_auth_failure_rate, settings.http_auth_failure_burst),
         max_body_bytes=settings.http_max_body_bytes,
         read_timeout=settings.http_read_timeout,
         publish_timeout=settings.http_publish_timeout,
@@ -80,15 +85,99 @@ def build_deps(settings: Settings, broker: Broker, registry: CollectorRegistry, 
     )
 
 
+class _HeaderDeadline(web.RequestHandler):
+    """aiohttp's connection handler with a deadline on a request's headers.
+
+    aiohttp bounds the body only where the handler reads it (``read_body``: 408) and an idle connection
+    by its keep-alive timeout; headers that trickle in a byte at a time (slowloris) would hold the
+    connection and its buffers for as long as the client likes. Here the first byte of a request starts
+    a timer of ``header_timeout`` seconds; the complete headers stop it; if it fires first, the
+    connection gets a 408 and is closed. Bytes that finish the previous request's body (one a handler
+    answered without reading it all) are not a new request: no timer then. Relies on aiohttp's
+    ``_request_count`` (requests whose headers were parsed), ``_messages`` and ``_request_in_progress``;
+    tests/ingest/test_abuse.py proves it."""
+
+    __slots__ = ("_body", "_deadline", "_header_timeout", "_on_timeout")
+
+    def __init__(self, manager: web.Server, *, header_timeout: float, on_timeout: Callable[[], None],
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(manager, **kwargs)
+        self._header_timeout, self._on_timeout = header_timeout, on_timeout
+        self._deadline: asyncio.TimerHandle | None = None
+        self._body: Any = None  # the body (a StreamReader) of the last request whose headers arrived
+
+    def data_received(self, data: bytes) -> None:
+        in_body = self._body is not None and not self._body.is_eof()  # these bytes continue a body
+        parsed = self._request_count
+        super().data_received(data)
+        if self._request_count != parsed:  # a request's headers arrived whole
+            self._stop_deadline()
+            self._body = self._messages[-1][1] if self._messages else None
+        elif data and self._deadline is None and not in_body:  # aiohttp calls it with b"" too
+            self._deadline = self._loop.call_later(self._header_timeout, self._headers_too_late)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_too_late(self) -> None:
+        self._deadline = None
+        transport = self.transport
+        if transport is None:
+            return
+        if self._request_in_progress or self._messages:  # pipelined behind a request: wait for its answer
+            self._deadline = self._loop.call_later(self._header_timeout, self._headers_too_late)
+            return
+        self._on_timeout()
+        transport.write(_HEADER_TIMEOUT_ANSWER)
+        self.force_close()
+        transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_deadline()
+        super().connection_lost(exc)
+
+
+_HEADER_TIMEOUT_ANSWER = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+class _Server(web.Server):
+    """Makes :class:`_HeaderDeadline` handlers (aiohttp's ``Server`` makes plain ones)."""
+
+    def __call__(self) -> web.RequestHandler:
+        return _HeaderDeadline(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    """An AppRunner whose server is a :class:`_Server` (the runner's keyword arguments reach each
+    connection handler, ``header_timeout`` and ``on_timeout`` included)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server  # the same object layout; only __call__ differs
+        return server
+
+
 class HttpServer:
     """The application on ``host:port``. :meth:`stop` stops accepting at once, then waits (at most
-    ``shutdown_timeout``) for the requests in flight, each of which waits for its broker confirm."""
+    ``shutdown_timeout``) for the requests in flight, each of which waits for its broker confirm.
+    A request whose headers take longer than the read timeout loses its connection (slowloris)."""
 
     def __init__(self, app: web.Application, host: str, port: int, *, shutdown_timeout: float = 25.0) -> None:
         self.app = app
         self._host, self._port = host, port
+        deps = app[DEPS]
+
+        def too_late() -> None:
+            deps.metrics.reject("read-timeout")
+            log.info("http.rejected", reason="read-timeout", detail="headers not in time", status=408)
+
         # No aiohttp access log: the ``answer`` middleware logs one line per request, without headers.
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+        self._runner = _Runner(
+            app, access_log=None, shutdown_timeout=shutdown_timeout,
+            header_timeout=deps.read_timeout, on_timeout=too_late,
+        )  # fmt: skip
 
     @property
     def port(self) -> int:

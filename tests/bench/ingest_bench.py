@@ -1,7 +1,7 @@
 """HTTP ingest benchmark on RabbitMQ: (A) a minimal aiohttp handler that publishes with confirms vs (B)
 ``python app.py ingest``.
 
-    python tests/bench/ingest_bench.py [--seconds 10] [--rounds 3] [--log-level info]
+    python tests/bench/ingest_bench.py [--seconds 10] [--rounds 3] [--log-level info] [--baseline DIR]
 
 Alternates A B A B A B; each run is a fresh server process. The load generator (this process) posts
 Alertmanager webhooks of 10 alerts (~4.5 KB) from 64 concurrent keep-alive clients:
@@ -108,8 +108,10 @@ async def serve_a(port: int, exchange_name: str) -> None:
 
 
 def start(
-    side: str, port: int, names: dict[str, str], tokens: Path, log_level: str
+    side: str, port: int, names: dict[str, str], tokens: Path, log_level: str, baseline: Path | None = None
 ) -> subprocess.Popen[bytes]:
+    """Side A, B (this checkout's ``app.py ingest``) or B0 (``baseline``'s, e.g. ``git worktree add
+    /tmp/main main``: before/after in the same run)."""
     if side == "A":
         argv = [sys.executable, __file__, "--serve-a", str(port), "--exchange", names["rabbitmq_exchange"]]
         return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -125,7 +127,8 @@ def start(
         "INCIDENTD_OPS_ENABLED": "false",
         "INCIDENTD_LOG_LEVEL": log_level,
     }
-    return subprocess.Popen([sys.executable, "app.py", "ingest"], cwd=ROOT, env=env,
+    cwd = baseline if side == "B0" and baseline is not None else ROOT
+    return subprocess.Popen([sys.executable, "app.py", "ingest"], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
 
@@ -202,7 +205,7 @@ async def one_run(
     side: str, names: dict[str, str], tokens: Path, args: argparse.Namespace
 ) -> dict[str, float]:
     port = free_port()
-    process = start(side, port, names, tokens, args.log_level)
+    process = start(side, port, names, tokens, args.log_level, args.baseline)
     try:
         await wait_listening(port, process)
         url = f"http://127.0.0.1:{port}/v1/alertmanager"
@@ -256,11 +259,13 @@ async def main(args: argparse.Namespace) -> None:
         await broker.setup()
     tokens = Path(f"/tmp/ingest-bench-tokens-{suffix}")
     write(tokens, f"bench:{TOKEN}\n")
-    results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+    sides = ("A", "B0", "B") if args.baseline else ("A", "B")
+    results: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+    args.load_before = os.getloadavg()[0]
     try:
         for round_ in range(1, args.rounds + 1):
             print(f"round {round_}", flush=True)
-            for side in ("A", "B"):
+            for side in sides:
                 results[side].append(await one_run(side, names, tokens, args))
     finally:
         os.unlink(tokens)
@@ -272,20 +277,32 @@ def summarise(results: dict[str, list[dict[str, float]]], args: argparse.Namespa
     def med(side: str, key: str) -> float:
         return statistics.median(r[key] for r in results[side])
 
-    print(f"\nIngest on RabbitMQ, {CLIENTS} keep-alive clients, 10 alerts per request, "
-          f"{args.seconds:g} s runs, {args.rounds} rounds (medians; RSS: max)")  # fmt: skip
+    command = f"python tests/bench/ingest_bench.py --seconds {args.seconds:g} --rounds {args.rounds}"
+    if args.baseline:
+        command += f" --baseline {args.baseline}"
+    print(f"\n`{command}` on {os.cpu_count()} cores, load average {args.load_before:.1f} before / "
+          f"{os.getloadavg()[0]:.1f} after (1 min)")  # fmt: skip
+    print(f"Ingest on RabbitMQ, {CLIENTS} keep-alive clients, 10 alerts per request, "
+          f"{args.seconds:g} s runs, {args.rounds} rounds (medians; RSS: max)\n")  # fmt: skip
     print("| side | req/s | alerts/s | p50 ms | p99 ms | at 500 req/s offered: achieved, p50 / p99 ms "
           "| CPU s / 10k req | peak RSS MB |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for side, label in (("A", "A minimal aiohttp + confirm"), ("B", "B app.py ingest")):
+    labels = {"A": "A minimal aiohttp + confirm", "B0": f"B0 app.py ingest of {args.baseline}",
+              "B": "B app.py ingest"}  # fmt: skip
+    for side in results:
+        label = labels[side]
         rss = max(r["rss"] for r in results[side])
         print(f"| {label} | {med(side, 'rps'):,.0f} | {med(side, 'alerts'):,.0f} | {med(side, 'p50'):.1f} | "
               f"{med(side, 'p99'):.1f} | {med(side, 'rate_rps'):,.0f}, {med(side, 'rate_p50'):.1f} / "
               f"{med(side, 'rate_p99'):.1f} | "
               f"{med(side, 'cpu_per_10k'):.2f} | {rss:.1f} |")  # fmt: skip
     ratio = med("B", "rps") / med("A", "rps")
-    print(f"\nB/A = {ratio:.2f} req/s (target >= 0.9); B p99 at {RATE} req/s = {med('B', 'rate_p99'):.1f} ms "
-          "(target <= 50 ms)")  # fmt: skip
+    cpu = med("B", "cpu_per_10k") / med("A", "cpu_per_10k")
+    print(f"\nB/A = {ratio:.2f} req/s (target >= 0.9); B/A = {cpu:.2f} CPU per request; "
+          f"B p99 at {RATE} req/s = {med('B', 'rate_p99'):.1f} ms (target <= 50 ms)")  # fmt: skip
+    if "B0" in results:
+        print(f"B0/A = {med('B0', 'rps') / med('A', 'rps'):.2f} req/s; "
+              f"B0/A = {med('B0', 'cpu_per_10k') / med('A', 'cpu_per_10k'):.2f} CPU per request")  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -295,6 +312,7 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--baseline", type=Path, help="also run B0: the app.py ingest of this checkout")
     parser.add_argument("--serve-a", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--exchange", help=argparse.SUPPRESS)
     parsed = parser.parse_args()

@@ -69,13 +69,40 @@ async def test_every_endpoint_publishes_the_fixture_as_sent(client: Client, brok
         assert status == 202, answer
         assert answer["type"] == type_name
         sent[answer["message_id"]] = (body, type_name)
+    commands = {}
     for type_name, doc in COMMANDS.items():
         status, answer = await post(client, f"/v1/commands/{type_name}", json.dumps(doc).encode())
         assert status == 202, answer
-        sent[answer["message_id"]] = (json.dumps(doc).encode(), type_name)
+        commands[answer["message_id"]] = (doc | {"actor": "alertmanager"}, type_name)
     published = await broker.published()
-    assert {p.message_id: (p.body, p.attributes[TYPE_ATTR]) for p in published} == sent
+    webhooks = {p.message_id: (p.body, p.attributes[TYPE_ATTR]) for p in published if p.message_id in sent}
+    assert webhooks == sent
+    # Commands are published as sent, with the token's name as their actor.
+    assert {
+        p.message_id: (json.loads(p.body), p.attributes[TYPE_ATTR])
+        for p in published
+        if p.message_id not in sent
+    } == commands
     assert {p.attributes["x-incidentd-sender"] for p in published} == {"alertmanager"}
+
+
+async def test_a_command_acts_as_its_token_whatever_the_body_claims(
+    client: Client, broker: BrokerUnderTest
+) -> None:
+    """The actor of a /v1/commands command is the token's name: a body without an actor gets it; a body
+    naming the token's own name passes; a body naming someone else is refused (400, saying why) and
+    nothing of it is published."""
+    doc = COMMANDS["incident.create"]
+    status, answer = await post(client, "/v1/commands/incident.create", json.dumps(doc).encode())
+    assert status == 202, answer
+    same = json.dumps(doc | {"actor": "alertmanager", "title": "again"}).encode()
+    assert (await post(client, "/v1/commands/incident.create", same))[0] == 202
+    other = json.dumps(doc | {"actor": "the-ceo"}).encode()
+    status, answer = await post(client, "/v1/commands/incident.create", other)
+    assert status == 400 and answer["type"] == "urn:incidentd:problem:invalid-body"
+    assert "actor" in answer["detail"] and "'the-ceo'" in answer["detail"]
+    published = await broker.published()
+    assert [json.loads(p.body)["actor"] for p in published] == ["alertmanager", "alertmanager"]
 
 
 async def test_a_retried_request_keeps_its_message_id(client: Client, broker: BrokerUnderTest) -> None:

@@ -27,7 +27,7 @@ from tests.contract.broker_contract import (
     running,
 )
 from tests.loss import POISON, POISON_BODIES, POISON_REASON, VALID, incidents, publish_all, published_bodies
-from tests.pubsub.conftest import deliverable, waiting
+from tests.pubsub.conftest import backlog, deliverable, waiting
 from tests.workers import env_of, sigterm, worker_process
 
 
@@ -140,7 +140,7 @@ async def test_a_handler_slower_than_the_ack_deadline_completes_once(settings: S
             await stop_worker()
         assert calls == Counter({"slow": 1})
         assert done == Counter({"slow": 1})
-        assert await waiting(broker.topology.subscription_path) == 0
+        assert await backlog(broker.topology) == 0
         assert await broker.dead_letters.list() == []
 
 
@@ -160,4 +160,4 @@ async def test_a_message_over_4_mib_blocks_nothing_on_the_emulator(settings: Set
             await stop_worker()
         [letter] = await broker.dead_letters.list()
         assert len(letter.body) == 5 * 1024 * 1024 and letter.reason.strip()
-        assert await waiting(broker.topology.subscription_path) == 0
+        assert await backlog(broker.topology) == 0

@@ -66,7 +66,8 @@ async def run_worker(
     budget = ShutdownBudget.split(shutdown_timeout)
     log.info(
         "worker.stopping", in_flight=dispatcher.in_flight, shutdown_timeout=shutdown_timeout,
-        drain_seconds=budget.drain, settle_seconds=budget.settle, close_seconds=budget.close,
+        drain_seconds=round(budget.drain, 3), settle_seconds=round(budget.settle, 3),
+        close_seconds=round(budget.close, 3),
     )  # fmt: skip
     started = time.monotonic()
     await subscriber.stop()

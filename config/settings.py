@@ -123,6 +123,8 @@ class Settings(BaseSettings):
     # Redelivery delay (seconds) after delivery attempt 1, 2, ...; the last value repeats.
     retry_backoff: list[float] = Field(default_factory=lambda: [1.0, 5.0, 30.0, 120.0, 600.0], min_length=1)
     in_process_attempts: int = Field(default=3, ge=1, le=20)
+    # The worker's whole shutdown after SIGTERM, split (application/worker.py): a fifth (at most 10 s) for
+    # settles under way, a fifth (at most 5 s) for the broker's close, the rest for running handlers.
     shutdown_timeout: float = Field(default=25.0, ge=0)
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -375,14 +375,16 @@ def _release_held(manager: Any) -> None:
     nothing if the client's internals changed.
     """
     lock = getattr(manager, "_pause_resume_lock", None)
-    held = getattr(manager, "_messages_on_hold", None)
+    held: Any = getattr(manager, "_messages_on_hold", None)
     release = getattr(manager, "_maybe_release_messages", None)
     if lock is None or release is None or not getattr(held, "size", 0):
         return
     with lock:
         consumer = getattr(manager, "_consumer", None)
         if consumer is not None and not consumer.is_paused and manager.load < 1.0:
+            before = held.size
             release()
+            log.warning("pubsub.held_messages_released", released=before - held.size, still_held=held.size)
 
 
 async def _half_close(stream: Stream, timeout: float = 2.0) -> None:

@@ -65,7 +65,6 @@ PARK_MINIMUM = 0.5  # a copy due sooner than this is handled at once
 # are extended (its client leaser is gone).
 ORPHAN_LEASE_INTERVAL = 5.0
 ORPHAN_LEASE_SECONDS = 30
-RELEASE_INTERVAL = 1.0  # how often messages the client left on hold are released (see _release_held)
 
 
 class Stream(Scheduler):  # type: ignore[misc]  # the client ships no type hints here
@@ -173,11 +172,14 @@ class PubSubSubscriber:
         topology: Topology,
         publisher: PubSubPublisher,
         flow_control: FlowControl,
+        *,
+        keep_reading: bool = False,
     ) -> None:
         self._client = client
         self._topology = topology
         self._publisher = publisher
         self._flow_control = flow_control
+        self._keep_reading = keep_reading  # for the emulator: see _never_pause
         self._on_delivery: Callable[[Delivery], None] | None = None
         self._streams: dict[str, Stream] = {}  # by subscription path
         self._stopping = False
@@ -201,7 +203,6 @@ class PubSubSubscriber:
         self._stopping = False
         for path in (self._topology.subscription_path, self._topology.retry_subscription_path):
             self._subscribe(path)
-        self._background(self._release_held())
         log.info("pubsub.consuming", subscription=self._topology.subscription_path,
                  retry_subscription=self._topology.retry_subscription_path,
                  max_messages=self._flow_control.max_messages)  # fmt: skip
@@ -212,6 +213,8 @@ class PubSubSubscriber:
         stream.future = self._client.subscribe(
             path, callback=_handled_by_scheduler, flow_control=self._flow_control, scheduler=stream
         )
+        if self._keep_reading:
+            _never_pause(stream.manager)
 
         def ended(_: object) -> None:  # on a client thread, once the client's shutdown has finished
             with contextlib.suppress(RuntimeError):  # the loop is closed
@@ -344,47 +347,51 @@ class PubSubSubscriber:
                 log.warning("pubsub.lease_extension_failed", error=repr(exc))
             await asyncio.sleep(ORPHAN_LEASE_INTERVAL)
 
-    async def _release_held(self) -> None:
-        while True:
-            await asyncio.sleep(RELEASE_INTERVAL)
-            for stream in list(self._streams.values()):
-                if not stream.paused and not stream.ended:
-                    _release_held(stream.manager)
-
 
 def _handled_by_scheduler(received: Received) -> None:
     """Never called: :class:`Stream` hands messages to the event loop itself."""
     raise AssertionError("Stream does not call the message callback")
 
 
-def _held(stream: Stream) -> dict[str, int]:
+def _held(stream: Stream) -> dict[str, Any]:
     """What a paused stream holds: released to us but not handed over, and on hold in the client."""
-    on_hold = getattr(getattr(stream.manager, "_messages_on_hold", None), "size", 0)
-    return {"held": len(stream._batch), "on_hold": on_hold if isinstance(on_hold, int) else 0}
+    manager = stream.manager
+    on_hold = getattr(getattr(manager, "_messages_on_hold", None), "size", 0)
+    leaser = getattr(manager, "_leaser", None)
+    consumer = getattr(manager, "_consumer", None)
+    return {
+        "held": len(stream._batch),
+        "on_hold": on_hold if isinstance(on_hold, int) else 0,
+        "leased": getattr(leaser, "message_count", None),
+        "consumer_paused": getattr(consumer, "is_paused", None),
+    }
 
 
-def _release_held(manager: Any) -> None:
-    """Release the messages the client left on hold although flow control has room for them.
+def _never_pause(manager: Any) -> None:
+    """Keep the client reading its stream when flow control is reached (the emulator only).
 
-    The client (google-cloud-pubsub 2.44) releases held messages when a response arrives or when an
-    ack or nack finds its consumer *paused*. If every released message is acked between the response
-    handler's release and its check for a pause (the consumer thread descheduled on a busy machine),
-    the consumer is never paused, and what is on hold stays there, leased, until the next response: on
-    an idle subscription, until the worker stops and its shutdown nacks them (a second worker idle for
-    20 s under CPU load held 200+ messages this way: tests/pubsub/test_loss.py). Private API: does
-    nothing if the client's internals changed.
+    The emulator ignores flow control and sends the whole backlog into the stream. A client that pauses
+    its consumer at ``max_messages`` leaves the rest unread in the stream, where it cannot extend their
+    leases: each lapses and is delivered again into the same stream, behind its stale copy, whose ack
+    then does nothing. Under CPU load a second worker acked each of 3,200 messages five times, and
+    200+ such copies were still in flight when it stopped (tests/pubsub/test_loss.py). Read at once,
+    the excess goes on hold in the client, leased, and is released within flow control after each
+    batch of acks (the client would release only when its consumer is paused). Pub/Sub itself honours
+    flow control, so nothing changes there. Private API: nothing happens if the client's internals
+    changed.
     """
     lock = getattr(manager, "_pause_resume_lock", None)
-    held: Any = getattr(manager, "_messages_on_hold", None)
     release = getattr(manager, "_maybe_release_messages", None)
-    if lock is None or release is None or not getattr(held, "size", 0):
+    if lock is None or release is None or not hasattr(manager, "maybe_resume_consumer"):
         return
-    with lock:
-        consumer = getattr(manager, "_consumer", None)
-        if consumer is not None and not consumer.is_paused and manager.load < 1.0:
-            before = held.size
-            release()
-            log.warning("pubsub.held_messages_released", released=before - held.size, still_held=held.size)
+
+    def release_held() -> None:  # the client calls it after each batch of acks and nacks
+        with lock:
+            if manager._consumer is not None:  # None once the client's shutdown began
+                release()
+
+    manager.maybe_pause_consumer = lambda: None
+    manager.maybe_resume_consumer = release_held  # never paused, so releasing is all it has to do
 
 
 async def _half_close(stream: Stream, timeout: float = 2.0) -> None:

@@ -55,13 +55,13 @@ async def test_sigterm_mid_stream_loses_nothing(settings: Settings, tmp_path: Pa
         await broker.setup()
         await publish_all(broker, at_once=500)
 
-    with worker(settings, db, log) as first:
+    with worker(settings, db, log, "info") as first:
         await eventually(lambda: incidents(db)[0] >= 1_000, timeout=120)
         assert await sigterm(first) == 0, log.read_text()[-3000:]
     handled_by_first = incidents(db)[0]
     assert handled_by_first < VALID, "the first worker finished everything; nothing was stopped mid-stream"
 
-    with worker(settings, db, log) as second:
+    with worker(settings, db, log, "info") as second:
         await eventually(lambda: incidents(db) == (VALID, VALID), timeout=180)
         async with open_broker(settings) as broker:
             await eventually(lambda: _count(broker.dead_letters.list(), POISON), timeout=30)

@@ -287,7 +287,12 @@ class PubSubSubscriber:
         then hand back anything still unsettled (nothing after a drain)."""
         self._stopping = True
         streams, self._streams = list(self._streams.values()), {}
-        await asyncio.gather(*(self._end(stream) for stream in streams))
+        try:
+            await asyncio.gather(*(self._end(stream) for stream in streams))
+        finally:  # out of time (the worker's close share): still end every stream, without waiting
+            for stream in streams:
+                if stream.future is not None:
+                    stream.future.cancel()
         for stream in streams:
             left, stream.unsettled = [d.received.ack_id for d in stream.unsettled], set()
             if left:

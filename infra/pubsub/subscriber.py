@@ -194,10 +194,6 @@ class PubSubSubscriber:
         streams = self._streams.values()
         return not self._stopping and len(streams) == 2 and not any(s.ended for s in streams)
 
-    @property
-    def unsettled(self) -> set[PubSubDelivery]:
-        return {d for stream in self._streams.values() for d in stream.unsettled}
-
     async def start(self, on_delivery: Callable[[Delivery], None]) -> None:
         self._on_delivery = on_delivery
         self._stopping = False

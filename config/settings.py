@@ -174,7 +174,11 @@ class Settings(BaseSettings):
         3, ge=1, le=20, description="Tries within one delivery for a `TransientError`."
     )
     shutdown_timeout: float = Field(
-        25.0, ge=0, description="Seconds in-flight handlers get to finish after SIGTERM."
+        25.0,
+        ge=0,
+        description="The worker's whole shutdown after SIGTERM, in seconds, split (application/worker.py): "
+        "a fifth (at most 10 s) for settles under way, a fifth (at most 5 s) for the broker's close, the "
+        "rest for running handlers.",
     )
     log_format: Literal["json", "console"] = Field(
         "json", description="`json` (one object per line on stderr) or `console`; any case."

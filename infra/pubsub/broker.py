@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -37,7 +38,13 @@ class PubSubBroker:
         self._publisher_client = publisher_client
         self._subscriber_client = subscriber_client
         self.publisher = PubSubPublisher(publisher_client, topology.topic_path, timeout=publish_timeout)
-        self.subscriber = PubSubSubscriber(subscriber_client, topology, self.publisher, flow)
+        self.subscriber = PubSubSubscriber(
+            subscriber_client,
+            topology,
+            self.publisher,
+            flow,
+            keep_reading=bool(os.environ.get("PUBSUB_EMULATOR_HOST")),
+        )
         self.dead_letters = PubSubDeadLetters(subscriber_client, topology, self.publisher)
 
     async def ping(self, timeout: float = 10.0) -> None:

@@ -2,21 +2,25 @@
 
 ::
 
-    publishers ---> topic <T> ---> subscription <S> (ack deadline, retry policy,
-                     ^               |               dead_letter_policy -> <T>.dlq as a backstop)
-                     |               v
-                     |             worker --RETRY (delay > 0): copy, attempt + 1, not-before--+
-                     |               |                                                        |
-                     +---------------)--------------------------------------------------------+
-                                     | DEAD_LETTER: copy with reason / error / attempts / first-seen
-                                     v
+    publishers ---> topic <T> ---> subscription <S> ----------+   (ack deadline, retry policy,
+                    (and any other subscription:              |    dead_letter_policy -> <T>.dlq
+                     an audit feed sees each original once)   v    as a backstop, on <S> and <S>.retry)
+                                                            worker
+    topic <T>.retry ---> subscription <S>.retry ------------> |  --RETRY (delay > 0): copy, attempt + 1,
+         ^                                                    |    not-before, to <T>.retry
+         +----------------------------------------------------+
+                                                              | DEAD_LETTER: copy with reason / error /
+                                                              v   attempts / first-seen
                                 topic <T>.dlq ---> subscription <S>.dlq (no consumer; `dlq list|replay|purge`)
 
-Pub/Sub has no delayed delivery, so a RETRY's copy goes back to <T> at once with a not-before time; a
+Pub/Sub has no delayed delivery, so a RETRY's copy is published at once with a not-before time; a
 worker that receives it early parks it by setting its ack deadline to the time left (see
-``infra/pubsub/subscriber.py``). The dead-letter subscription is created before the main subscription:
-Pub/Sub drops what is published to a topic without subscriptions, so the native backstop must never
-forward into the void.
+``infra/pubsub/subscriber.py``). The copies go to a retry topic of incidentd's own, read by its own
+subscription, so the main topic's other subscriptions (an audit feed, another consumer) never see
+them. (A subscription filter would not do: a filter on <S> cannot hide copies on <T> from the other
+subscriptions, which are not incidentd's.) The dead-letter subscription is created first, and each
+topic's subscription before anything is published to it: Pub/Sub drops what is published to a topic
+without subscriptions, so neither a copy nor the native backstop may ever go into the void.
 
 Creating what exists is a no-op; an existing subscription is left as it is (its settings are not
 changed: edit them with ``gcloud pubsub subscriptions update``).
@@ -82,6 +86,16 @@ class Topology:
         return f"projects/{self.project}/subscriptions/{self.subscription}"
 
     @property
+    def retry_topic_path(self) -> str:
+        """Where RETRY copies go: ``<topic>.retry``."""
+        return f"{self.topic_path}.retry"
+
+    @property
+    def retry_subscription_path(self) -> str:
+        """incidentd's subscription on the retry topic: ``<subscription>.retry``."""
+        return f"{self.subscription_path}.retry"
+
+    @property
     def dead_letter_topic_path(self) -> str:
         return f"projects/{self.project}/topics/{self.dead_letter_topic}"
 
@@ -89,10 +103,11 @@ class Topology:
     def dead_letter_subscription_path(self) -> str:
         return f"projects/{self.project}/subscriptions/{self.dead_letter_subscription}"
 
-    def subscription_request(self) -> dict[str, Any]:
+    def subscription_request(self, retry: bool = False) -> dict[str, Any]:
+        """The main subscription, or (``retry``) the retry one: the same settings on both."""
         request: dict[str, Any] = {
-            "name": self.subscription_path,
-            "topic": self.topic_path,
+            "name": self.retry_subscription_path if retry else self.subscription_path,
+            "topic": self.retry_topic_path if retry else self.topic_path,
             "ack_deadline_seconds": self.ack_deadline,
         }
         if self.retry_max_backoff > 0:
@@ -109,7 +124,8 @@ class Topology:
 
 
 def create(publisher: PublisherClient, subscriber: SubscriberClient, topology: Topology) -> None:
-    """Create both topics and both subscriptions where they do not exist (blocking: run in a thread)."""
+    """Create the three topics and their subscriptions where they do not exist (blocking: run in a
+    thread)."""
     from google.api_core.exceptions import AlreadyExists
 
     def ensure(kind: str, call: Any, request: dict[str, Any]) -> None:
@@ -127,6 +143,8 @@ def create(publisher: PublisherClient, subscriber: SubscriberClient, topology: T
         "ack_deadline_seconds": DLQ_ACK_DEADLINE,
         "message_retention_duration": {"seconds": DLQ_RETENTION_SECONDS},
     })  # fmt: skip
+    ensure("topic", publisher.create_topic, {"name": topology.retry_topic_path})
+    ensure("subscription", subscriber.create_subscription, topology.subscription_request(retry=True))
     ensure("subscription", subscriber.create_subscription, topology.subscription_request())
 
 

@@ -91,7 +91,8 @@ def pubsub() -> BrokerVariant:
     """infra/pubsub on the official emulator (PUBSUB_EMULATOR_HOST reaches the pods through the
     environment), with the tests' 10 s ack deadline and lease extension (tests/pubsub/conftest.py)."""
     from infra.pubsub.topology import Topology
-    from tests.pubsub.conftest import delete_topology, pubsub_settings, waiting
+    from tests.pubsub.conftest import backlog as pubsub_backlog
+    from tests.pubsub.conftest import delete_topology, pubsub_settings
 
     def topology() -> dict[str, Any]:
         names = pubsub_settings()
@@ -108,10 +109,10 @@ def pubsub() -> BrokerVariant:
         return {key: getattr(names, key) for key in keys}
 
     async def backlog(settings: Settings) -> int:
-        # Retry copies go back to the main topic, so the subscription is the only place to look. A
-        # delivery whose ack was lost is invisible until its ack deadline lapses: wait that out first.
+        # The main and the retry subscription. A delivery whose ack was lost is invisible until its ack
+        # deadline lapses: wait that out first.
         await asyncio.sleep(settings.pubsub_ack_deadline + 1)
-        return await waiting(Topology.from_settings(settings).subscription_path)
+        return await pubsub_backlog(Topology.from_settings(settings))
 
     async def delete(settings: Settings) -> None:
         await delete_topology(Topology.from_settings(settings))

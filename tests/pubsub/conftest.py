@@ -41,10 +41,14 @@ def _delete(topology: Topology) -> None:
 
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
     with subscriber:
-        for name in (topology.subscription_path, topology.dead_letter_subscription_path):
+        for name in (
+            topology.subscription_path,
+            topology.retry_subscription_path,
+            topology.dead_letter_subscription_path,
+        ):
             with contextlib.suppress(NotFound):
                 subscriber.delete_subscription(subscription=name)
-        for name in (topology.topic_path, topology.dead_letter_topic_path):
+        for name in (topology.topic_path, topology.retry_topic_path, topology.dead_letter_topic_path):
             with contextlib.suppress(NotFound):
                 publisher.delete_topic(topic=name)
 
@@ -74,8 +78,14 @@ def _deliverable(subscription_path: str) -> dict[str, bytes]:
         return found
 
 
-async def waiting(subscription_path: str) -> int:
-    return len(await asyncio.to_thread(_deliverable, subscription_path))
+async def waiting(*subscription_paths: str) -> int:
+    """Messages deliverable now on these subscriptions (pulled and nacked back)."""
+    return sum([len(await asyncio.to_thread(_deliverable, path)) for path in subscription_paths])
+
+
+async def backlog(topology: Topology) -> int:
+    """Messages deliverable now on incidentd's subscriptions: the main one and the retry one."""
+    return await waiting(topology.subscription_path, topology.retry_subscription_path)
 
 
 async def deliverable(subscription_path: str) -> dict[str, bytes]:

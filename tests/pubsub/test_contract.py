@@ -11,7 +11,7 @@ from application.ports import Broker
 from config.settings import Settings
 from infra.pubsub import PubSubBroker, open_broker
 from tests.contract.broker_contract import RETRY_BACKOFF, BrokerContract
-from tests.pubsub.conftest import waiting
+from tests.pubsub.conftest import backlog
 
 
 class TestPubSubBroker(BrokerContract):
@@ -41,7 +41,7 @@ class TestPubSubBroker(BrokerContract):
     @pytest.fixture
     def backlog(self) -> object:
         async def count(broker: PubSubBroker) -> int:
-            return await waiting(broker.topology.subscription_path)
+            return await backlog(broker.topology)
 
         return count
 

@@ -16,7 +16,7 @@ from config.settings import Settings
 from infra.pubsub import open_broker
 from infra.pubsub.message import MESSAGE_ID_ATTR
 from tests.broker_fuzz import VALID, Outgoing, outcomes, run
-from tests.pubsub.conftest import waiting
+from tests.pubsub.conftest import backlog
 from tests.pubsub.test_loss import worker
 
 BODY = CreateIncident(title="hostile attributes", dedup_key="fuzz-0").model_dump_json().encode()
@@ -63,7 +63,7 @@ async def test_fuzzed_messages_through_pubsub_are_each_one_effect_or_one_dead_le
         await broker.setup()
         ids = await run(worker(settings, db, log, "info"), partial(publish, broker), hostile, db, log)
         letters = await broker.dead_letters.list()
-        assert await waiting(broker.topology.subscription_path) == 0
+        assert await backlog(broker.topology) == 0
     report = outcomes(ids, db, log, letters)
     assert set(VALID) <= report.effects
     print(report.summary())

@@ -26,8 +26,8 @@ from tests.contract.broker_contract import (
     publish_records,
     running,
 )
-from tests.loss import POISON, POISON_BODIES, POISON_REASON, VALID, incidents, publish_all, published_bodies
-from tests.pubsub.conftest import deliverable, waiting
+from tests.loss import POISON, POISON_BODIES, POISON_REASON, VALID, incidents, publish_all
+from tests.pubsub.conftest import backlog, waiting
 from tests.workers import env_of, sigterm, worker_process
 
 
@@ -55,13 +55,13 @@ async def test_sigterm_mid_stream_loses_nothing(settings: Settings, tmp_path: Pa
         await broker.setup()
         await publish_all(broker, at_once=500)
 
-    with worker(settings, db, log) as first:
+    with worker(settings, db, log, "info") as first:
         await eventually(lambda: incidents(db)[0] >= 1_000, timeout=120)
         assert await sigterm(first) == 0, log.read_text()[-3000:]
     handled_by_first = incidents(db)[0]
     assert handled_by_first < VALID, "the first worker finished everything; nothing was stopped mid-stream"
 
-    with worker(settings, db, log) as second:
+    with worker(settings, db, log, "info") as second:
         await eventually(lambda: incidents(db) == (VALID, VALID), timeout=180)
         async with open_broker(settings) as broker:
             await eventually(lambda: _count(broker.dead_letters.list(), POISON), timeout=30)
@@ -73,19 +73,20 @@ async def test_sigterm_mid_stream_loses_nothing(settings: Settings, tmp_path: Pa
         assert await sigterm(second) == 0, log.read_text()[-3000:]
 
     assert incidents(db) == (VALID, VALID)
-    # Known open defect (issue 12, docs/pubsub.md "Emulator"): on a busy machine the emulator can hand
-    # the stopping second worker messages it then gives back, so some may still be on the subscription.
-    # Nothing is lost: each is a duplicate of a message whose effect is already stored (every valid body
-    # made its incident above) or dead-lettered (checked below), never something else.
-    left = await deliverable(settings_path(settings))
-    assert set(left.values()) <= set(published_bodies()), "something other than a duplicate was left"
+    # Nothing left behind by the second worker either: not a message it held (it used to leave 200+
+    # duplicates on a busy machine, held by the client on hold: infra/pubsub/subscriber.py), not one
+    # leased to a stream it failed to close (invisible until the ack deadline lapses: waited out).
+    await asyncio.sleep(settings.pubsub_ack_deadline + 1)
+    async with open_broker(settings) as broker:
+        left = await backlog(broker.topology)
+    assert left == 0, f"{left} messages left on the subscriptions after both workers stopped"
     async with open_broker(settings) as broker:
         letters = await broker.dead_letters.list()
     assert sorted(letter.body for letter in letters) == sorted(POISON_BODIES)
     assert all(POISON_REASON in letter.reason for letter in letters)
     print(
         f"first worker handled {handled_by_first}, second the rest; dead letters {len(letters)}; "
-        f"duplicates left on the subscription {len(left)}"
+        f"left on the subscriptions {left}"
     )
 
 
@@ -140,7 +141,7 @@ async def test_a_handler_slower_than_the_ack_deadline_completes_once(settings: S
             await stop_worker()
         assert calls == Counter({"slow": 1})
         assert done == Counter({"slow": 1})
-        assert await waiting(broker.topology.subscription_path) == 0
+        assert await backlog(broker.topology) == 0
         assert await broker.dead_letters.list() == []
 
 
@@ -160,4 +161,4 @@ async def test_a_message_over_4_mib_blocks_nothing_on_the_emulator(settings: Set
             await stop_worker()
         [letter] = await broker.dead_letters.list()
         assert len(letter.body) == 5 * 1024 * 1024 and letter.reason.strip()
-        assert await waiting(broker.topology.subscription_path) == 0
+        assert await backlog(broker.topology) == 0

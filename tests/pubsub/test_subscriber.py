@@ -26,7 +26,7 @@ async def test_a_stream_that_ends_on_its_own_keeps_the_leases_of_running_handler
         await publish_records(broker, ["long"])
         await subscriber.start(deliveries.append)
         await eventually(lambda: len(deliveries) == 1)
-        future = subscriber._future
+        future = subscriber._streams[broker.topology.subscription_path].future
         assert future is not None
         future.cancel()  # the stream ends under the subscriber, not through stop()
         held_until = time.monotonic() + settings.pubsub_ack_deadline + 6

@@ -277,17 +277,26 @@ def embedded(settings: Settings) -> Settings:
 
 
 async def front_door(
-    settings: Settings, container: Container, broker: Broker, auth: AuthPlan, store: Any = None
+    settings: Settings,
+    container: Container,
+    broker: Broker,
+    auth: AuthPlan,
+    store: Any = None,
+    shutdown_timeout: float | None = None,
 ) -> HttpServer:
     """Start the HTTP application on the broker's publisher; log (and say) where and who may call.
-    With ``store``, it also serves the incident API and the dashboard (docs/api.md)."""
+    With ``store``, it also serves the incident API and the dashboard (docs/api.md). It gets
+    ``shutdown_timeout`` (by default all of ``settings.shutdown_timeout``) to answer what is in flight."""
     from infra.web.app import make_app
     from infra.web.server import HttpServer, build_deps
 
     deps = build_deps(settings, broker, container.metrics().registry, auth.tokens, container.handlers())
     deps = replace(deps, store=store, refresh_seconds=settings.http_dashboard_refresh)
     server = HttpServer(
-        make_app(deps), settings.http_host, settings.http_port, shutdown_timeout=settings.shutdown_timeout
+        make_app(deps),
+        settings.http_host,
+        settings.http_port,
+        shutdown_timeout=settings.shutdown_timeout if shutdown_timeout is None else shutdown_timeout,
     )
     await server.start()
     tokens = auth.tokens
@@ -344,7 +353,9 @@ async def ingest(settings: Settings, auth: AuthPlan, with_store: bool = False) -
 
 async def run_all(settings: Settings, auth: AuthPlan) -> None:
     """``run``: the HTTP front door and the worker in one process. On SIGTERM the door closes first
-    (answering what is in flight), then the worker drains."""
+    (answering what is in flight), then the worker drains: one ``shutdown_timeout`` for both, a third
+    for the door (its requests wait at most ``http_publish_timeout`` each), the rest for the worker."""
+    door_share = settings.shutdown_timeout / 3
     async with open_container(settings) as container:
         ops = await start_ops(settings, container)
         broker = await connect(settings, container)
@@ -352,7 +363,7 @@ async def run_all(settings: Settings, auth: AuthPlan) -> None:
         if ops is not None:
             await ops_ready(ops, container, broker, dispatcher)
         await container.maintenance_loop()  # type: ignore[misc]
-        server = await front_door(settings, container, broker, auth, await container.store())
+        server = await front_door(settings, container, broker, auth, await container.store(), door_share)
         term, stop = stop_on_signals(), asyncio.Event()
 
         async def front_door_first() -> None:
@@ -364,7 +375,7 @@ async def run_all(settings: Settings, auth: AuthPlan) -> None:
 
         closing = asyncio.create_task(front_door_first())
         report = await run_worker(
-            broker.subscriber, dispatcher, stop=stop, shutdown_timeout=settings.shutdown_timeout
+            broker.subscriber, dispatcher, stop=stop, shutdown_timeout=settings.shutdown_timeout - door_share
         )
         term.set()  # the worker may also have stopped on its own
         await closing

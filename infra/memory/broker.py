@@ -1,14 +1,18 @@
+"""The embedded broker's queue and the broker object the container provides (publisher, subscriber and
+dead letters are modules of their own, as for RabbitMQ and Pub/Sub)."""
+
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from datetime import UTC, datetime
-from uuid import uuid4
+from typing import TYPE_CHECKING
 
 from application.messages import Message
-from application.settle import read_message
+from infra.memory.dead_letters import MemoryDeadLetters
+from infra.memory.publisher import MemoryPublisher
 from infra.memory.subscriber import MemorySubscriber
-from infra.sqlite.dead_letters import SqliteDeadLetters
+
+if TYPE_CHECKING:
+    from application.ports import EmbeddedBroker
 
 
 class MemoryQueue:
@@ -54,20 +58,10 @@ class MemoryQueue:
             handle.cancel()
 
 
-class MemoryPublisher:
-    def __init__(self, queue: MemoryQueue) -> None:
-        self._queue = queue
-
-    async def publish(
-        self, body: bytes, attributes: Mapping[str, str], *, message_id: str | None = None
-    ) -> str:
-        message_id = message_id or uuid4().hex
-        self._queue.put(read_message(body, dict(attributes), message_id, datetime.now(UTC)))
-        return message_id
-
-
 class MemoryBroker:
-    def __init__(self, dead_letters: SqliteDeadLetters, prefetch: int) -> None:
+    """An :class:`application.ports.EmbeddedBroker`: a broker whose queue a caller can wait to be idle."""
+
+    def __init__(self, dead_letters: MemoryDeadLetters, prefetch: int) -> None:
         self.queue = MemoryQueue()
         self.dead_letters = dead_letters
         self.publisher = MemoryPublisher(self.queue)
@@ -83,3 +77,7 @@ class MemoryBroker:
     async def close(self) -> None:
         self.queue.close()
         await self.dead_letters.close()
+
+
+if TYPE_CHECKING:  # the protocol that ``wait_idle`` is part of, checked by mypy
+    _: type[EmbeddedBroker] = MemoryBroker

@@ -15,9 +15,9 @@ from application.dispatcher import Context, Dispatcher, bind
 from application.factory import CommandFactory
 from application.worker import run_worker
 from infra.memory import MemoryBroker
+from infra.memory.dead_letters import MemoryDeadLetters
 from infra.metrics import Metrics
 from infra.ops import OpsServer
-from infra.sqlite.dead_letters import SqliteDeadLetters
 from tests.ops.conftest import ROOT
 from tests.workers import free_port, get, sample
 
@@ -52,7 +52,7 @@ async def test_readiness_drops_on_stop_while_the_in_flight_message_drains(tmp_pa
         observers=[metrics.observe],
     )
     metrics.track_in_flight(lambda: dispatcher.in_flight)
-    broker = MemoryBroker(await SqliteDeadLetters.open(tmp_path / "dlq.db"), prefetch=8)
+    broker = MemoryBroker(await MemoryDeadLetters.open(tmp_path / "dlq.db"), prefetch=8)
     server = OpsServer(metrics.registry, port=0, checks={"broker": lambda: broker.subscriber.connected})
     stop = asyncio.Event()
     async with server:

@@ -365,8 +365,8 @@ async def test_a_rolling_restart_under_load_applies_every_message_exactly_once(
     messages in flight) as a steady stream of Alertmanager batches is published. Every pod exits 0;
     at the end PostgreSQL holds exactly one incident per published fingerprint, opened by its own
     message and counted once, the idempotency table holds each published message id once, no message
-    waited MAX_WAIT for its handler (none sat on a stopped pod until a lease lapsed), and the main,
-    retry and dead-letter destinations are empty. Prints each pod's drain time."""
+    was handled MAX_LAG after the messages published after it (none sat on a stopped pod until a lease
+    lapsed), and the main, retry and dead-letter destinations are empty. Prints each pod's drain time."""
     async with proxy_for(PG_DSN, 5432, delay=DB_LATENCY) as database:
         settings = pod_settings(variant.topology(), schema, database.url(PG_DSN))
         loaded = load(**settings)

@@ -9,6 +9,8 @@ This module is the only place where an outcome is decided and settled:
 * a timeout (it covers the in-process retries) or any unexpected exception -> the same RETRY /
   DEAD_LETTER, without in-process retries (the stores map their connection errors to TransientError);
 * cancellation (shutdown deadline) -> RETRY with no delay, settled under ``asyncio.shield``;
+* a retry copy or redelivery of a message that already reached ACK or DEAD_LETTER (when the dispatcher
+  has a ``SettledRecord``) -> ACK without running the handlers (``message.duplicate_dropped``);
 * otherwise ACK.
 
 Concurrency is bounded by a semaphore; deliveries waiting for a slot when draining starts are handed
@@ -33,7 +35,7 @@ from application.errors import DecodeError, PermanentError, TransientError
 from application.factory import CommandFactory
 from application.messages import Delivery, Disposition, Message, Outcome
 from application.ports import ChangedIncident
-from application.settle import retry_delay, settle
+from application.settle import DUPLICATE, SettledRecord, retry_delay, settle
 
 log = structlog.get_logger("incidentd.dispatcher")
 
@@ -107,6 +109,7 @@ class Dispatcher:
         observers: Iterable[Observer] = (),
         receivers: Iterable[Receiver] = (),
         after_commit: Sequence[BoundHandler] = (),
+        settled: SettledRecord | None = None,
     ) -> None:
         """``after_commit``: steps run after every command's handlers, in the same attempt (a failure
         retries the whole list), from the record of what its transactions changed (``Context.changes``)."""
@@ -117,6 +120,7 @@ class Dispatcher:
         self._retry = retry
         self._observers = tuple(observers)
         self._receivers = tuple(receivers)
+        self._settled = settled  # a second live copy of a settled message is acked, not run again
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: set[asyncio.Task[Any]] = set()
@@ -220,6 +224,8 @@ class Dispatcher:
         finally:
             self._waiting.discard(task)
         try:
+            if self._settled is not None and await self._settled.seen(message):
+                return DUPLICATE
             # A message without a broker id is named by its idempotency key (a body digest), so that the
             # timeline entries it records can be found again on its redelivery (application/side_effects.py).
             message_id = message.message_id or message.idempotency_key
@@ -294,6 +300,8 @@ class Dispatcher:
             log.exception("message.settle_failed", outcome=outcome.disposition.value)
             self.settle_failures += 1
             return
+        if self._settled is not None:
+            await self._settled.record(delivery.message, outcome)
         duration = time.perf_counter() - started
         _log_outcome(outcome, round(duration * 1000, 3))
         for observer in self._observers:
@@ -316,7 +324,9 @@ def _bind_message(message: Message) -> bool:
 
 
 def _log_outcome(outcome: Outcome, duration_ms: float) -> None:
-    if outcome.disposition is Disposition.ACK:
+    if outcome is DUPLICATE:
+        log.info("message.duplicate_dropped", duration_ms=duration_ms, reason=outcome.reason)
+    elif outcome.disposition is Disposition.ACK:
         log.info("message.acked", duration_ms=duration_ms)
     elif outcome.disposition is Disposition.RETRY:
         log.warning("message.retry", duration_ms=duration_ms, delay=outcome.delay, reason=outcome.reason)

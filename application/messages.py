@@ -36,7 +36,9 @@ class Message:
     ``attempt`` is 1 on the first delivery. Brokers that count deliveries (RabbitMQ quorum queues'
     It comes from incidentd's own ``x-incidentd-attempt`` attribute, which the retry path increments
     (see ``application.settle.read_message``). ``defect`` names attributes that could not be read; such a
-    message is dead-lettered with that reason at once.
+    message is dead-lettered with that reason at once. ``redelivered``: the broker delivered this very
+    message before (a hand-back, a lost ack); with ``attempt`` > 1 it marks a delivery that may be the
+    second live copy of a message already settled (``application.settle.SettledRecord``).
     """
 
     body: bytes
@@ -45,6 +47,7 @@ class Message:
     publish_time: datetime | None = None
     attempt: int = 1
     defect: str = ""
+    redelivered: bool = False
 
     @property
     def idempotency_key(self) -> str:

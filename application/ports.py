@@ -309,6 +309,15 @@ class Broker(Protocol):
         ...
 
 
+class EmbeddedBroker(Broker, Protocol):
+    """A broker whose whole queue lives in this process (``infra/memory``): a caller can wait until it is
+    idle instead of waiting for a time (``worker --from``, the example, tests and benchmarks)."""
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is queued, scheduled for redelivery, or delivered and not settled."""
+        ...
+
+
 # --- adapters: Kubernetes and AWS ------------------------------------------------------------------
 # Implemented by infra/kubernetes.py and infra/aws.py. Every method has a timeout and raises only
 # TransientError / PermanentError (application.errors) for failures it can classify.

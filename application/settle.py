@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import structlog
+
 from application.messages import (
     ATTEMPT_ATTR,
     DEAD_LETTERED_AT_ATTR,
@@ -29,12 +31,15 @@ from application.messages import (
     FIRST_SEEN_ATTR,
     NOT_BEFORE_ATTR,
     REASON_ATTR,
+    REPLAYED_AT_ATTR,
     Delivery,
     Disposition,
     Message,
     Outcome,
 )
-from application.ports import DeadLetter
+from application.ports import DeadLetter, IncidentStore
+
+log = structlog.get_logger("incidentd.settle")
 
 # The longest redelivery delay on every broker (a handler's ``retry_after`` of an hour waits this long):
 # it is Pub/Sub's longest ack deadline, so a Pub/Sub copy is parked at most once, and the longest
@@ -46,6 +51,8 @@ MAX_ATTEMPT = 1_000_000
 MAX_VALUE_BYTES = 1024  # Pub/Sub's limit for an attribute value; reasons and errors are cut to fit
 # Attributes that describe one outcome; a copy never inherits them from the delivery it replaces.
 OUTCOME_ATTRS = frozenset({REASON_ATTR, ERROR_ATTR, NOT_BEFORE_ATTR, DEAD_LETTERED_AT_ATTR})
+# The outcome of a delivery that is a second live copy of a message already settled: acked, not run.
+DUPLICATE = Outcome(Disposition.ACK, reason="a second copy of a message already settled; not run again")
 
 
 async def settle(delivery: Delivery, outcome: Outcome) -> None:
@@ -62,6 +69,65 @@ async def settle(delivery: Delivery, outcome: Outcome) -> None:
         await delivery.requeue()  # not confirmed: hand the original back, never drop it
         raise
     await delivery.ack()
+
+
+class SettledRecord:
+    """The messages that reached a final outcome (ACK or DEAD_LETTER), kept in the store's idempotency
+    record under ``<idempotency key>:settled``, so that a second live copy of one is acked unrun.
+
+    A message can have two live copies: a copy confirmed after its confirm timeout (the original was
+    handed back meanwhile), a copy confirmed while the original's ack was lost with its channel, a
+    Pub/Sub publish that a timeout could not cancel. Both copies carry the original's message id. The
+    store's record already makes the second one's store change a no-op, but the side effects (Slack,
+    issue comments) are derived from the committed timeline and would be sent again.
+
+    Only a retry copy (attempt > 1) or a broker redelivery can be such a second copy: only those are
+    looked up and recorded, so a first delivery costs nothing here. The record is written after the
+    broker took the outcome (a dead letter whose copy was not confirmed comes back and must run). Two
+    copies running at the same moment are not caught (at least once, as before). A replayed dead letter
+    is a new message: its replay time is part of the key.
+    """
+
+    def __init__(self, store: IncidentStore) -> None:
+        self._store = store
+
+    async def seen(self, message: Message) -> bool:
+        """Whether ``message`` is a copy of a message settled already; a store failure answers no (the
+        handlers run, as they would without this record)."""
+        if not _may_be_a_copy(message):
+            return False
+        try:
+            async with self._store.transaction(_settled_key(message)) as tx:
+                seen = tx.already_processed
+                raise _LookUpOnly  # nothing of this transaction is kept: a look-up records nothing
+        except _LookUpOnly:
+            return seen
+        except Exception as exc:
+            log.warning("settle.record_unreadable", error=repr(exc))
+            return False
+
+    async def record(self, message: Message, outcome: Outcome) -> None:
+        """Remember that ``message`` reached a final outcome; never raises (its copies then run again)."""
+        if outcome.disposition is Disposition.RETRY or outcome is DUPLICATE or not _may_be_a_copy(message):
+            return
+        try:
+            async with self._store.transaction(_settled_key(message)):
+                pass
+        except Exception as exc:
+            log.warning("settle.record_failed", error=repr(exc))
+
+
+class _LookUpOnly(Exception):
+    """Rolls back the transaction :meth:`SettledRecord.seen` looks the record up in."""
+
+
+def _may_be_a_copy(message: Message) -> bool:
+    return message.attempt > 1 or message.redelivered
+
+
+def _settled_key(message: Message) -> str:
+    replayed = message.attributes.get(REPLAYED_AT_ATTR)
+    return f"{message.idempotency_key}:settled" + (f":replayed:{replayed}" if replayed else "")
 
 
 def retry_delay(delay: float) -> float:
@@ -97,6 +163,7 @@ def read_message(
     attributes: Mapping[str, str],
     message_id: str = "",
     publish_time: datetime | None = None,
+    redelivered: bool = False,
 ) -> Message:
     """The broker-neutral view of a delivery. ``attempt`` comes from incidentd's own attribute only:
     brokers' delivery counters also count hand-backs and parks, which are not attempts (they stay a
@@ -112,7 +179,7 @@ def read_message(
     except ValueError as exc:
         defects.append(f"{NOT_BEFORE_ATTR}: {exc}")
     defect = "unreadable attribute " + "; ".join(defects) if defects else ""
-    return Message(body, attributes, message_id, publish_time, attempt, defect)
+    return Message(body, attributes, message_id, publish_time, attempt, defect, redelivered)
 
 
 def read_attempt(value: Any) -> int:

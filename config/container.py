@@ -20,6 +20,7 @@ from application.dispatcher import Dispatcher, Observer, RetryPolicy, bind, bind
 from application.factory import CommandFactory
 from application.handlers import HANDLERS
 from application.incidents import IncidentPolicy
+from application.settle import SettledRecord
 from common.logging import configure_logging
 from config.settings import Settings
 from infra.incident_metrics import IncidentMetrics
@@ -118,12 +119,14 @@ class Container(containers.DeclarativeContainer):
     after_commit = providers.Callable(
         bind_all, providers.Callable(after_commit_steps, settings.provided.ai_enabled), handler_dependencies
     )
+    # A second live copy of a message already settled (a late copy confirm, a lost ack) is acked unrun.
+    settled = providers.Singleton(SettledRecord, store)
     dispatcher = providers.Singleton(
         Dispatcher, command_factory, providers.Callable(bind, handlers, handler_dependencies),
         after_commit=after_commit,
         concurrency=settings.provided.concurrency, timeout=settings.provided.command_timeout,
         timeouts=settings.provided.command_timeouts, retry=retry, observers=outcome_observers,
-        receivers=receivers,
+        receivers=receivers, settled=settled,
     )  # fmt: skip
     # Retention and archival: `app.py maintenance` runs it once, the worker every maintenance_interval.
     maintenance = providers.Singleton(maintenance_from_settings, settings, store, cloud)

@@ -1,18 +1,20 @@
+"""The embedded broker's queue and the broker object the container provides (publisher, subscriber and
+dead letters are modules of their own, as for RabbitMQ and Pub/Sub)."""
+
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
-from uuid import uuid4
 
 from application.messages import Message
-from application.settle import read_message
+from infra.memory.dead_letters import MemoryDeadLetters
+from infra.memory.publisher import MemoryPublisher
 from infra.memory.subscriber import MemorySubscriber
-from infra.sqlite.dead_letters import SqliteDeadLetters
 
 if TYPE_CHECKING:
+    from application.ports import EmbeddedBroker
     from config.settings import Settings
 
 
@@ -59,20 +61,10 @@ class MemoryQueue:
             handle.cancel()
 
 
-class MemoryPublisher:
-    def __init__(self, queue: MemoryQueue) -> None:
-        self._queue = queue
-
-    async def publish(
-        self, body: bytes, attributes: Mapping[str, str], *, message_id: str | None = None
-    ) -> str:
-        message_id = message_id or uuid4().hex
-        self._queue.put(read_message(body, dict(attributes), message_id, datetime.now(UTC)))
-        return message_id
-
-
 class MemoryBroker:
-    def __init__(self, dead_letters: SqliteDeadLetters, prefetch: int) -> None:
+    """An :class:`application.ports.EmbeddedBroker`: a broker whose queue a caller can wait to be idle."""
+
+    def __init__(self, dead_letters: MemoryDeadLetters, prefetch: int) -> None:
         self.queue = MemoryQueue()
         self.dead_letters = dead_letters
         self.publisher = MemoryPublisher(self.queue)
@@ -95,9 +87,13 @@ async def open_broker(settings: Settings) -> AsyncIterator[MemoryBroker]:
     """The embedded broker, its dead letters kept in ``sqlite_path`` (``dlq list`` reads them after the
     run); closed on exit."""
     broker = MemoryBroker(
-        await SqliteDeadLetters.open(settings.sqlite_path), prefetch=settings.concurrency * 2
+        await MemoryDeadLetters.open(settings.sqlite_path), prefetch=settings.concurrency * 2
     )
     try:
         yield broker
     finally:
         await broker.close()
+
+
+if TYPE_CHECKING:  # the protocol that ``wait_idle`` is part of, checked by mypy
+    _: type[EmbeddedBroker] = MemoryBroker

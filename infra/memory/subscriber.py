@@ -1,6 +1,10 @@
+"""Hands the embedded queue's messages to the dispatcher; ``application.settle`` decides, this module
+provides ack, requeue and publish_copy."""
+
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -11,7 +15,7 @@ from application.settle import dead_letter_from, read_message, retry_delay
 
 if TYPE_CHECKING:
     from infra.memory.broker import MemoryQueue
-    from infra.sqlite.dead_letters import SqliteDeadLetters
+    from infra.memory.dead_letters import MemoryDeadLetters
 
 log = structlog.get_logger("incidentd.memory")
 
@@ -32,7 +36,8 @@ class MemoryDelivery:
 
     async def requeue(self) -> None:
         self._subscriber.finished()
-        self._subscriber.queue.ready.put_nowait(self.message)  # still outstanding, unchanged
+        # Still outstanding, unchanged but for the redelivered flag a broker sets on a hand-back.
+        self._subscriber.queue.ready.put_nowait(dataclasses.replace(self.message, redelivered=True))
 
     async def publish_copy(self, attributes: Mapping[str, str], outcome: Outcome) -> None:
         message = self.message
@@ -47,7 +52,7 @@ class MemoryDelivery:
 class MemorySubscriber:
     """Hands queued messages over, at most ``prefetch`` unsettled at a time (like a broker's prefetch)."""
 
-    def __init__(self, queue: MemoryQueue, dead_letters: SqliteDeadLetters, prefetch: int) -> None:
+    def __init__(self, queue: MemoryQueue, dead_letters: MemoryDeadLetters, prefetch: int) -> None:
         self.queue = queue
         self.dead_letters = dead_letters
         self._credit = asyncio.Semaphore(prefetch)

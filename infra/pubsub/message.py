@@ -36,12 +36,15 @@ NATIVE_PREFIX = "CloudPubSubDeadLetterSource"
 
 def to_message(received: Received) -> Message:
     """The broker-neutral view. ``attempt`` is incidentd's own attribute only: Pub/Sub's
-    ``delivery_attempt`` also counts nacks at shutdown and parks, which are not attempts."""
+    ``delivery_attempt`` also counts nacks at shutdown and parks, which are not attempts; it only says
+    that this delivery may be a second copy of a settled message (``redelivered``, looked up in the
+    dispatcher's settled record). Without a dead-letter policy the client reports None."""
     return read_message(
         received.data,
         dict(received.attributes),
         received.attributes.get(MESSAGE_ID_ATTR) or received.message_id,
         received.publish_time,
+        redelivered=(received.delivery_attempt or 0) > 1,
     )
 
 

@@ -53,7 +53,11 @@ def attributes_of(incoming: AbstractIncomingMessage) -> dict[str, str]:
 
 def to_message(incoming: AbstractIncomingMessage) -> Message:
     return read_message(
-        incoming.body, attributes_of(incoming), text(incoming.message_id or ""), incoming.timestamp
+        incoming.body,
+        attributes_of(incoming),
+        text(incoming.message_id or ""),
+        incoming.timestamp,
+        redelivered=bool(incoming.redelivered),
     )
 
 

@@ -39,7 +39,7 @@ from application.messages import TYPE_ATTR
 from application.worker import run_worker
 from common.logging import configure_logging
 from infra.memory import MemoryBroker
-from infra.sqlite.dead_letters import SqliteDeadLetters
+from infra.memory.dead_letters import MemoryDeadLetters
 from infra.sqlite.store import SqliteStore
 from tests.standins.noop_actions import adapters_off
 
@@ -135,7 +135,7 @@ async def run(
     bound_handlers = {**bind(HANDLERS, deps), AlertmanagerWebhook: (_timing(bound, latencies),)}
     dispatcher = Dispatcher(CommandFactory(HANDLERS), bound_handlers, concurrency=concurrency, timeout=30,
                             retry=RetryPolicy())  # fmt: skip
-    broker = MemoryBroker(await SqliteDeadLetters.open(directory / "dlq.db"), prefetch=concurrency * 2)
+    broker = MemoryBroker(await MemoryDeadLetters.open(directory / "dlq.db"), prefetch=concurrency * 2)
     for body in bodies:
         await broker.publisher.publish(body, {TYPE_ATTR: "alertmanager.webhook"})
     stop = asyncio.Event()

@@ -11,10 +11,10 @@ one dead letter), and SIGTERMS rolling replacements while they flow (start a new
 is processed and every poison one dead-lettered, the last pods are stopped too.
 
 Per run it prints: messages settled more than once (a message id with more than one ``message.acked`` /
-``message.dead_lettered`` line over all pods: a settle the broker lost, so the message came back and was
-handled again - a no-op in the store thanks to the idempotency record, but a duplicate notification
-for side effects), dead-letter copies of one message id beyond the first, pods that exited non-zero,
-and the slowest drain.
+``message.dead_lettered`` / ``message.duplicate_dropped`` line over all pods: a settle the broker lost,
+so the message came back - a no-op in the store thanks to the idempotency record, and, when it was
+not dropped as a copy of a settled message, a duplicate notification for side effects), dead-letter
+copies of one message id beyond the first, pods that exited non-zero, and the slowest drain.
 """
 
 from __future__ import annotations
@@ -38,7 +38,14 @@ sys.path.insert(0, str(ROOT))
 from application.messages import TYPE_ATTR  # noqa: E402
 from config.settings import load  # noqa: E402
 from tests.incidents.conftest import PG_DSN, drop_schema, payload  # noqa: E402
-from tests.ops.test_rolling_restart import VARIANTS, Pods, broker_of, pod_settings, setup_job  # noqa: E402
+from tests.ops.test_rolling_restart import (  # noqa: E402
+    NO_EXTRA_KEYS,
+    VARIANTS,
+    Pods,
+    broker_of,
+    pod_settings,
+    setup_job,
+)
 from tests.workers import log_events  # noqa: E402
 
 MESSAGES = 4000
@@ -76,7 +83,7 @@ async def processed(schema: str) -> int:
 
     conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": schema})
     try:
-        return int(await conn.fetchval("SELECT count(*) FROM processed_messages"))
+        return int(await conn.fetchval(NO_EXTRA_KEYS.format("SELECT count(*) FROM processed_messages")))
     finally:
         await conn.close()
 
@@ -123,7 +130,7 @@ async def one_run(broker_name: str, directory: Path) -> dict[str, Any]:
     settles: collections.Counter[str] = collections.Counter()
     drains = []
     for pod in pods.all.values():
-        for event in ("message.acked", "message.dead_lettered"):
+        for event in ("message.acked", "message.dead_lettered", "message.duplicate_dropped"):
             settles.update(e["message_id"] for e in log_events(pod.log, event))
         drains += [e["drain_seconds"] for e in log_events(pod.log, "worker.stopped")]
     copies = collections.Counter(letter.message_id for letter in letters)  # listed once per id now:

@@ -49,9 +49,17 @@ SHUTDOWN_TIMEOUT = 10.0
 # a SIGTERM lands with messages in flight.
 DB_LATENCY = 0.005
 WARM_UP, COOL_DOWN = 2.0, 2.0  # seconds of stream before the rollout and after the old pods are gone
-# No message waits this long from its publish to its handler. One that did was held by a stopped pod's
-# connection until a lease lapsed (Pub/Sub: the tests' 10 s ack deadline) instead of being handed back.
-MAX_WAIT = 8.0
+# No message is handled this much later than the messages published just after it. One that was held by a
+# stopped pod's connection until a lease lapsed (Pub/Sub: the tests' 10 s ack deadline) instead of being
+# handed back is. A lag relative to its neighbours, not a wait from its publish: on a loaded machine the
+# whole stream may queue up for longer than that, and that is slowness, not a held message.
+MAX_LAG = 8.0
+# While messages are left, the store's processed count must grow at least once in this long: a slow
+# machine catches up (however long it takes), a stuck rollout fails.
+STALL = 45.0
+# The processed-message keys that are message ids: a message's other records (``<id>:settled``, ...) are
+# left out.
+NO_EXTRA_KEYS = "{} WHERE key NOT LIKE '%:%'"
 
 
 # --- the broker-specific parts -----------------------------------------------------------------------
@@ -164,7 +172,7 @@ class Pod:
             except aiohttp.ClientError:
                 return False
 
-        await eventually(probe, timeout=60)
+        await eventually(probe, timeout=120)  # a loaded machine starts a pod in tens of seconds
 
     async def busy(self, at_least: int = CONCURRENCY + 1, timeout: float = 5.0) -> None:
         """Until the pod's in-flight and waiting gauges add up to ``at_least`` deliveries (by default:
@@ -266,15 +274,15 @@ async def store_rows(schema: str) -> tuple[list[tuple[str, int, int, str]], dict
             "SELECT dedup_key, (doc->>'occurrences')::int, json_array_length(doc->'timeline'), "
             "doc->'timeline'->0->>'message_id' FROM incidents"
         )
-        processed = await conn.fetch(
+        processed = await conn.fetch(NO_EXTRA_KEYS.format(
             "SELECT key, extract(epoch FROM processed_at)::float8 FROM processed_messages"
-        )
+        ))  # fmt: skip
     return [tuple(r) for r in incidents], {r[0]: r[1] for r in processed}
 
 
 async def processed_count(schema: str) -> int:
     async with database(schema) as conn:
-        return int(await conn.fetchval("SELECT count(*) FROM processed_messages"))
+        return int(await conn.fetchval(NO_EXTRA_KEYS.format("SELECT count(*) FROM processed_messages")))
 
 
 # --- the test --------------------------------------------------------------------------------------
@@ -309,15 +317,37 @@ async def roll_out(pods: Pods, stream: Stream, schema: str) -> None:
     await asyncio.sleep(COOL_DOWN)
     stop_stream.set()
     await publishing
-    await eventually(lambda: _all_processed(schema, len(stream.published)), timeout=90)
+    await all_processed(schema, len(stream.published))
     new = [pods.all["new-1"], pods.all["new-2"]]
     for pod in new:
         pod.sigterm()
     await asyncio.gather(*(pod.exited() for pod in new))
 
 
-async def _all_processed(schema: str, published: int) -> bool:
-    return await processed_count(schema) >= published
+async def all_processed(schema: str, published: int) -> None:
+    """Until the store holds every published message; fails only if no message was processed for
+    :data:`STALL` seconds while some were left."""
+    best, progressed = -1, time.monotonic()
+    while (done := await processed_count(schema)) < published:
+        if done > best:
+            best, progressed = done, time.monotonic()
+        elif time.monotonic() - progressed > STALL:
+            raise AssertionError(
+                f"{published - done} of {published} messages left, none processed in {STALL:g} s"
+            )
+        await asyncio.sleep(0.2)
+
+
+def lags(processed: dict[str, float], published_at: dict[str, float]) -> list[float]:
+    """Per message: how much later its handler began than the median of the next second's worth of
+    messages (in publish order). About 0 for a message handled in turn, however long the queue."""
+    order = sorted(published_at, key=published_at.__getitem__)
+    out = []
+    for i, message_id in enumerate(order):
+        later = sorted(processed[m] for m in order[i + 1 : i + 1 + RATE])
+        if later:
+            out.append(processed[message_id] - later[len(later) // 2])
+    return out
 
 
 def pod_settings(names: dict[str, Any], schema: str, dsn: str) -> dict[str, Any]:
@@ -336,8 +366,8 @@ async def test_a_rolling_restart_under_load_applies_every_message_exactly_once(
     messages in flight) as a steady stream of Alertmanager batches is published. Every pod exits 0;
     at the end PostgreSQL holds exactly one incident per published fingerprint, opened by its own
     message and counted once, the idempotency table holds each published message id once, no message
-    waited MAX_WAIT for its handler (none sat on a stopped pod until a lease lapsed), and the main,
-    retry and dead-letter destinations are empty. Prints each pod's drain time."""
+    was handled MAX_LAG after the messages published after it (none sat on a stopped pod until a lease
+    lapsed), and the main, retry and dead-letter destinations are empty. Prints each pod's drain time."""
     async with proxy_for(PG_DSN, 5432, delay=DB_LATENCY) as database:
         settings = pod_settings(variant.topology(), schema, database.url(PG_DSN))
         loaded = load(**settings)
@@ -373,8 +403,12 @@ async def test_a_rolling_restart_under_load_applies_every_message_exactly_once(
     )
     assert sorted(processed) == sorted(stream.published), "each message id recorded once"  # a primary key
     waits = sorted(processed[m] - at for m, at in stream.published_at.items())
-    late = sum(w >= MAX_WAIT for w in waits)
-    assert late == 0, f"{late} messages waited {waits[-1]:.1f} s: held by a stopped pod until a lease lapsed"
+    lag = sorted(lags(processed, stream.published_at))
+    late = sum(x >= MAX_LAG for x in lag)
+    assert late == 0, (
+        f"{late} messages were handled up to {lag[-1]:.1f} s after those published after them: held by a "
+        "stopped pod until a lease lapsed"
+    )
     assert backlog == 0, "messages left in the main or retry destinations"
     assert letters == [], [letter.reason for letter in letters]
 
@@ -386,7 +420,8 @@ async def test_a_rolling_restart_under_load_applies_every_message_exactly_once(
     )
     print(
         f"  published -> handled: median {waits[len(waits) // 2]:.3f} s, p99 "
-        f"{waits[len(waits) * 99 // 100]:.3f} s, max {waits[-1]:.3f} s, over 1 s {sum(w > 1 for w in waits)}"
+        f"{waits[len(waits) * 99 // 100]:.3f} s, max {waits[-1]:.3f} s, over 1 s {sum(w > 1 for w in waits)};"
+        f" largest lag behind later messages {lag[-1]:.3f} s"
     )
     for name, pod in pods.all.items():
         print(

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -15,9 +16,9 @@ from application.dispatcher import Context, Dispatcher, bind
 from application.factory import CommandFactory
 from application.worker import run_worker
 from infra.memory import MemoryBroker
+from infra.memory.dead_letters import MemoryDeadLetters
 from infra.metrics import Metrics
 from infra.ops import OpsServer
-from infra.sqlite.dead_letters import SqliteDeadLetters
 from tests.ops.conftest import ROOT
 from tests.workers import free_port, get, sample
 
@@ -26,12 +27,14 @@ class Slow(Command):
     TYPE = "test.slow"
 
 
-async def until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(200):  # bounded: 10 s
-        if await condition():
-            return
+async def until(condition, what: str, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    """Until ``condition()`` is true; the deadline is generous (a loaded CI machine starts a worker
+    process in tens of seconds), the poll is short."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_readiness_drops_on_stop_while_the_in_flight_message_drains(tmp_path: Path) -> None:
@@ -52,7 +55,7 @@ async def test_readiness_drops_on_stop_while_the_in_flight_message_drains(tmp_pa
         observers=[metrics.observe],
     )
     metrics.track_in_flight(lambda: dispatcher.in_flight)
-    broker = MemoryBroker(await SqliteDeadLetters.open(tmp_path / "dlq.db"), prefetch=8)
+    broker = MemoryBroker(await MemoryDeadLetters.open(tmp_path / "dlq.db"), prefetch=8)
     server = OpsServer(metrics.registry, port=0, checks={"broker": lambda: broker.subscriber.connected})
     stop = asyncio.Event()
     async with server:
@@ -122,6 +125,17 @@ async def test_app_worker_serves_probes_and_exits_0_on_sigterm(tmp_path: Path) -
                 return False
 
         await until(ready, "the worker's /readyz")
+
+        async def incidents_read() -> bool:
+            # The gauge is refreshed from the store in the background (every 15 s); ready does not wait
+            # for its first read, so the test waits for it instead of assuming it came first.
+            text = (await get(url + "/metrics"))[1]
+            return (
+                sample(text, "incidentd_incidents_active", severity="critical", service="checkout")
+                is not None
+            )
+
+        await until(incidents_read, "the first read of the incidents-active gauge")
         metrics_text = (await get(url + "/metrics"))[1]
         for command_type in ("alertmanager.webhook", "incident.create", "unknown"):
             assert (

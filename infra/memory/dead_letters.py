@@ -1,4 +1,5 @@
-"""The memory broker's dead-letter destination, kept in SQLite so ``dlq list`` sees it after the run."""
+"""The memory broker's dead-letter destination, kept in SQLite so ``dlq list`` sees it after the run
+(the queue itself lives in the process)."""
 
 from __future__ import annotations
 
@@ -29,12 +30,12 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 """
 
 
-class SqliteDeadLetters:
+class MemoryDeadLetters:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
 
     @classmethod
-    async def open(cls, path: Path | str) -> SqliteDeadLetters:
+    async def open(cls, path: Path | str) -> MemoryDeadLetters:
         db = await connect(path)
         await db.executescript(SCHEMA)
         return cls(db)

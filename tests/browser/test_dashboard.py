@@ -111,8 +111,7 @@ async def test_dashboard_in_chromium(browser: Any, tmp_path: Path) -> None:
             == 202
         )
         for title, service, environment, severity in INCIDENTS:
-            body = {"title": title, "service": service, "environment": environment, "severity": severity,
-                    "actor": "fixtures"}  # fmt: skip
+            body = {"title": title, "service": service, "environment": environment, "severity": severity}
             assert (
                 await post(f"{base}/v1/commands/incident.create", WRITE_TOKEN, json.dumps(body).encode())
                 == 202
@@ -160,7 +159,7 @@ async def test_dashboard_in_chromium(browser: Any, tmp_path: Path) -> None:
         browser.find_element(By.LINK_TEXT, "Search cluster yellow").click()
         await run(wait, browser, lambda d: d.find_elements(By.ID, "timeline"))
         entries = browser.find_elements(By.CSS_SELECTOR, "#timeline li.entry")
-        assert "opened" in entries[0].text and "fixtures" in entries[0].text
+        assert "opened" in entries[0].text and "oncall-alice" in entries[0].text  # the token's name
         assert browser.find_element(By.ID, "status").text == "open"
 
         # Acknowledge: the worker applies it; the page, refreshing itself, shows it (no reload here).

@@ -16,7 +16,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from application.actions import ActionRules
-from application.dispatcher import Dispatcher, RetryPolicy, bind
+from application.analysis import after_commit_steps
+from application.dispatcher import Dispatcher, RetryPolicy, bind, bind_all
 from application.errors import TransientError
 from application.factory import CommandFactory
 from application.handlers import HANDLERS
@@ -67,6 +68,7 @@ def worker_dispatcher(
     return Dispatcher(
         CommandFactory(HANDLERS),
         bind(HANDLERS, dependencies),
+        after_commit=bind_all(after_commit_steps(False), dependencies),
         concurrency=4,
         timeout=10,
         retry=RetryPolicy(max_attempts=5, backoff=(1.0, 1.0), in_process_attempts=1),

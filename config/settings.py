@@ -101,7 +101,7 @@ def _check_url(value: str, schemes: tuple[str, ...], *, host: bool = True) -> No
 HTTP = ("https", "http")
 
 
-# --- adapters: Slack routes (issue 6) ---------------------------------------------------------------
+# --- adapters: Slack routes ---------------------------------------------------------------------
 
 RouteKey = Literal["service", "environment", "severity"]
 

@@ -36,6 +36,7 @@ from botocore.exceptions import (
 
 from application.errors import IncidentdError, PermanentError, TransientError
 from application.ports import ActionResult, Instance
+from common.closing import closing
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -213,10 +214,8 @@ async def open_cloud(settings: Settings) -> AsyncIterator[AwsCloud]:
         max_attempts=settings.aws_max_attempts,
         dry_run=settings.dry_run,
     )
-    try:
+    async with closing(cloud):
         yield cloud
-    finally:
-        await cloud.close()
 
 
 def archive_key(kind: str, id: str, at: datetime) -> str:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from application.messages import Message, Outcome
+from common.closing import closing
 
 if TYPE_CHECKING:
     from asynch import Connection
@@ -335,7 +336,5 @@ async def open_event_lake(settings: Settings) -> AsyncIterator[EventLake]:
     the last outcomes are flushed to ClickHouse."""
     lake = from_settings(settings)
     await lake.start()
-    try:
+    async with closing(lake):
         yield lake
-    finally:
-        await lake.close()

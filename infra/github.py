@@ -30,6 +30,7 @@ from gidgethub.aiohttp import GitHubAPI
 from application.errors import PermanentError, TransientError
 from application.incidents import Incident, TimelineEntry
 from application.ports import ISSUE_LINK, ISSUE_URL_LINK, TrackedIssue
+from common.closing import closing
 from infra.http import parse_retry_after
 from infra.incident_links import incident_links
 
@@ -208,7 +209,5 @@ def from_settings(settings: Settings) -> GitHubIssues:
 async def open_issue_tracker(settings: Settings) -> AsyncIterator[GitHubIssues]:
     """The issue tracker on ``github_repository``; its HTTP session closed on exit."""
     tracker = from_settings(settings)
-    try:
+    async with closing(tracker):
         yield tracker
-    finally:
-        await tracker.close()

@@ -28,6 +28,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from application.errors import IncidentdError, PermanentError, TransientError
 from application.ports import ActionResult, DeploymentStatus, Missing, RolloutState
+from common.closing import closing
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -58,10 +59,8 @@ async def open_cluster(settings: Settings) -> AsyncIterator[KubernetesCluster]:
         call_timeout=settings.kubernetes_timeout,
         dry_run=settings.dry_run,
     )
-    try:
+    async with closing(cluster):
         yield cluster
-    finally:
-        await cluster.close()
 
 
 async def connect(

@@ -21,6 +21,7 @@ import structlog
 
 from application.errors import PermanentError, TransientError
 from application.incidents import Incident, TimelineEntry
+from common.closing import closing
 from infra.http import parse_retry_after
 from infra.incident_links import incident_links
 
@@ -168,7 +169,5 @@ def from_settings(settings: Settings) -> SlackNotifier:
 async def open_notifier(settings: Settings) -> AsyncIterator[SlackNotifier]:
     """The notifier posting to the configured webhooks; its HTTP session closed on exit."""
     notifier = from_settings(settings)
-    try:
+    async with closing(notifier):
         yield notifier
-    finally:
-        await notifier.close()

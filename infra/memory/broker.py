@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from application.messages import Message
+from common.closing import closing
 from infra.memory.dead_letters import MemoryDeadLetters
 from infra.memory.publisher import MemoryPublisher
 from infra.memory.subscriber import MemorySubscriber
@@ -89,10 +90,8 @@ async def open_broker(settings: Settings) -> AsyncIterator[MemoryBroker]:
     broker = MemoryBroker(
         await MemoryDeadLetters.open(settings.sqlite_path), prefetch=settings.concurrency * 2
     )
-    try:
+    async with closing(broker):
         yield broker
-    finally:
-        await broker.close()
 
 
 if TYPE_CHECKING:  # the protocol that ``wait_idle`` is part of, checked by mypy

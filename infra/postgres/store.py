@@ -32,6 +32,7 @@ import asyncpg
 from application.errors import TransientError
 from application.incidents import Incident, OpenGroup, Status
 from application.ports import ChangedIncident, IncidentObserver, IncidentQuery, ServiceStats
+from common.closing import closing
 from common.redact import describe
 from infra.postgres.migrate import _LOCK_NAMESPACE, migrate
 
@@ -401,7 +402,5 @@ async def open_store(
         settings.postgres_dsn, min_size=settings.postgres_pool_min, max_size=settings.postgres_pool_max,
         schema=settings.postgres_schema, observer=observer,
     )  # fmt: skip
-    try:
+    async with closing(store):
         yield store
-    finally:
-        await store.close()

@@ -24,6 +24,7 @@ import aiosqlite
 from application.errors import TransientError
 from application.incidents import Incident, OpenGroup, Status
 from application.ports import ChangedIncident, IncidentObserver, IncidentQuery, ServiceStats
+from common.closing import closing
 from common.redact import describe
 
 if TYPE_CHECKING:
@@ -408,7 +409,5 @@ async def open_store(
     """The store at ``sqlite_path``, migrated; closed on exit (an open connection's thread would keep the
     process alive)."""
     store = await SqliteStore.open(settings.sqlite_path, observer)
-    try:
+    async with closing(store):
         yield store
-    finally:
-        await store.close()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What tests/browser and tests/api need beyond `pip install -e '.[test,dev]'`: Debian's chromium and
+# What tests/browser and tests/api need beyond the README's `pip install`: Debian's chromium and
 # chromium-driver (the dashboard's real-browser test drives /usr/bin/chromium through
 # /usr/bin/chromedriver) and prometheus (its promtool checks and unit-tests deploy/prometheus/rules.yaml).
 # Idempotent and quiet.

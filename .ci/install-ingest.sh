@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What tests/ingest needs beyond `pip install -e '.[test,dev]'`: a real Alertmanager (Debian's
+# What tests/ingest needs beyond the README's `pip install`: a real Alertmanager (Debian's
 # prometheus-alertmanager, 0.25) whose webhook receiver posts to the ingest. The tests start it
 # themselves on a free loopback port with a generated config (tests/ingest/alertmanager.py); the
 # package's own service is not used. Idempotent and quiet.

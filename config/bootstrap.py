@@ -15,7 +15,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from application.dispatcher import Dispatcher
+from application.dispatcher import Dispatcher, Observer
 from application.errors import BrokerOperationError, IncidentdError
 from application.messages import TYPE_ATTR
 from application.ports import Broker, DeadLetter, DeadLetterQueue, ReplayReport
@@ -43,9 +43,10 @@ T = TypeVar("T")
 
 
 @asynccontextmanager
-async def open_container(settings: Settings) -> AsyncIterator[Container]:
-    """The container with logging configured; every resource it started is closed on the way out."""
-    container = Container(settings=settings)
+async def open_container(settings: Settings, observers: Sequence[Observer] = ()) -> AsyncIterator[Container]:
+    """The container with logging configured (``observers``: outcome observers of the caller's own, beside
+    the metrics); every resource it started is closed on the way out."""
+    container = Container(settings=settings, extra_observers=list(observers))
     container.logging()
     try:
         yield container
@@ -110,13 +111,12 @@ async def feed(settings: Settings, source: Path, *, limit: int) -> FeedReport:
     from infra.memory.feed import Feed, report_progress, stream_lines
 
     configured, settings = settings.broker, settings.model_copy(update={"broker": "memory"})
-    async with open_container(settings) as container:
+    fed = Feed(window=max(8 * settings.concurrency, 1000))
+    async with open_container(settings, [fed.observe]) as container:
         log = structlog.get_logger("incidentd.feed")
         if configured != "memory":
             log.info("feed.broker_pinned", configured=configured, used="memory")
         broker = await container.broker()
-        fed = Feed(broker, window=max(8 * settings.concurrency, 1000))
-        container.extra_observers.override([fed.observe])
         dispatcher: Dispatcher = await container.dispatcher()  # type: ignore[misc]
         stop, interrupted = asyncio.Event(), asyncio.Event()
 
@@ -130,7 +130,9 @@ async def feed(settings: Settings, source: Path, *, limit: int) -> FeedReport:
         stdin = str(source) == "-"
         stream = sys.stdin.buffer if stdin else await asyncio.to_thread(source.open, "rb")
         try:
-            feeding = asyncio.create_task(fed.run(stream_lines(stream, batch=1 if stdin else 500), stop))
+            feeding = asyncio.create_task(
+                fed.run(broker, stream_lines(stream, batch=1 if stdin else 500), stop)
+            )
             feeding.add_done_callback(lambda _: stop.set())
             size = None if stdin else (await asyncio.to_thread(source.stat)).st_size
             position = (lambda: 0) if stdin else stream.tell  # how far the reader is, for the progress bar

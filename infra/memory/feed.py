@@ -143,9 +143,8 @@ def read_lines(stream: IO[bytes], count: int) -> list[bytes]:
 @dataclass
 class Feed:
     """Feeds lines into a memory broker and counts each message's final outcome (its ``observe`` is one
-    of the dispatcher's observers)."""
+    of the dispatcher's observers, given to the container when it is built)."""
 
-    broker: MemoryBroker
     window: int = 1000  # messages read but not finished (queued, running or waiting for redelivery)
     read: int = 0  # messages read (blank lines skipped)
     acked: int = 0
@@ -170,9 +169,9 @@ class Feed:
         if self.in_flight <= self.window // 2:
             self._changed.set()
 
-    async def run(self, lines: AsyncIterator[bytes], stop: asyncio.Event) -> None:
-        """Publish every line (waiting while ``window`` messages are unfinished) until the lines end or
-        ``stop`` is set; then wait until every published message is finished (or ``stop``)."""
+    async def run(self, broker: MemoryBroker, lines: AsyncIterator[bytes], stop: asyncio.Event) -> None:
+        """Publish every line into ``broker`` (waiting while ``window`` messages are unfinished) until the
+        lines end or ``stop`` is set; then wait until every published message is finished (or ``stop``)."""
         async for raw in lines:
             if stop.is_set():
                 return
@@ -186,9 +185,9 @@ class Feed:
                 return
             self.read += 1
             if parsed.problem:
-                await self._reject(parsed)
+                await self._reject(broker, parsed)
             else:
-                publish = self.broker.publisher.publish
+                publish = broker.publisher.publish
                 await publish(parsed.body, parsed.attributes, message_id=parsed.message_id)
         while self.in_flight and not stop.is_set():
             await self._wait_change(stop)
@@ -202,10 +201,10 @@ class Feed:
             changed.cancel()
             stopped.cancel()
 
-    async def _reject(self, line: Line) -> None:
+    async def _reject(self, broker: MemoryBroker, line: Line) -> None:
         """A line that breaks the feed format: a dead letter with the rule it broke, logged like one."""
         now = datetime.now(UTC)
-        await self.broker.dead_letters.add(
+        await broker.dead_letters.add(
             DeadLetter(line.message_id, line.body, line.attributes, line.problem, _FEED_ERROR, 1, now, now)
         )
         log.error("message.dead_lettered", message_id=line.message_id, attempt=1, duration_ms=0.0,
